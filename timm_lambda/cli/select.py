@@ -1,0 +1,82 @@
+"""`timm-lambda select`: choose the attention layers to remove (NOSE or a comparison criterion).
+
+Writes `selection.json` into `--output`; with `--eval`, scores every selection zero-shot on held-out images.
+"""
+import argparse
+from pathlib import Path
+from typing import Any, Dict
+
+from ..data import create_eval_loader
+from ..selection import CRITERIA, evaluate_selection, num_layers_to_remove, select_layers
+from .common import (
+    add_data_args, add_model_args, add_output_arg, create_eval_dataset_from_args, resolve_device, write_json,
+)
+from .profile import add_calibration_args, calibration_loader_from_args, model_from_args, positive_int
+
+__all__ = ['add_parser']
+
+
+def _layers(layers) -> str:
+    return ','.join(map(str, layers))
+
+
+def print_selection(selection: Dict[str, Any]) -> None:
+    for i, step in enumerate(selection.get('steps', ())):
+        ranked = sorted(step['candidates'].items(), key=lambda kv: kv[1])
+        others = '  '.join(f'{layer}:{te:.4f}' for layer, te in ranked[1:4])
+        print(f'step {i + 1}: remove {step["chosen"]:>2}  TE {ranked[0][1]:.4f}   next best  {others}')
+    if 'cost' in selection:
+        cost = selection['cost']
+        print(f'cost: {cost["block_forwards"]} block forwards = {cost["full_pass_equivalents"]} full passes')
+    if 'baseline_top1' in selection:
+        print(f'unmodified model: top-1 {selection["baseline_top1"]:.2f}')
+    if 'comparison' in selection:
+        print(f'{"criterion":<16} {"mlp_only_layers":<24} {"top1":>6}')
+        for row in selection['comparison']:
+            top1 = f'{row["top1"]:.2f}' if 'top1' in row else '-'
+            print(f'{row["criterion"]:<16} {_layers(row["mlp_only_layers"]):<24} {top1:>6}')
+    top1 = f'  (zero-shot top-1 {selection["top1"]:.2f})' if 'top1' in selection else ''
+    print(f'{selection["criterion"]}: remove the attention of blocks {_layers(selection["mlp_only_layers"])}{top1}')
+
+
+def run(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    model = model_from_args(args)
+    k = num_layers_to_remove(model, remove=args.remove, ratio=args.ratio)
+    loader = calibration_loader_from_args(args, model)
+    selection = select_layers(
+        model, loader, k, args.criterion, seed=args.seed, skip_factor=args.skip_factor, device=device, amp=args.amp)
+    if args.eval:
+        val_loader = create_eval_loader(
+            create_eval_dataset_from_args(args, model), args.batch_size, args.workers,
+            num_samples=args.val_samples, seed=args.seed)
+        selection = evaluate_selection(
+            model, val_loader, selection, skip_factor=args.skip_factor, device=device, amp=args.amp)
+    path = write_json(Path(args.output) / 'selection.json', selection)
+    print_selection(selection)
+    print(f'wrote {path}')
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        'select', help='choose the attention layers to remove (selection.json)',
+        description='Choose K attention layers to degenerate to identity: NOSE (greedy transfer entropy) '
+                    'or a comparison criterion; `all` compares every criterion.')
+    add_model_args(parser)
+    add_data_args(parser)
+    add_calibration_args(parser)
+    g = parser.add_argument_group('selection')
+    how_many = g.add_mutually_exclusive_group(required=True)
+    how_many.add_argument('--remove', type=int, metavar='K', help='number of attention layers to remove')
+    how_many.add_argument('--ratio', type=float, metavar='R', help='fraction of the blocks, in (0, 1)')
+    g.add_argument('--criterion', default='nose', choices=CRITERIA + ('all',), help='(default: %(default)s)')
+    g.add_argument('--skip-factor', type=float, default=2.0,
+                   help='residual scale of a degenerated block (2: the lambda = 0 form; default: %(default)s)')
+    g.add_argument('--eval', action='store_true',
+                   help='score each selection zero-shot (top-1 on --val-split, no training) '
+                        'beside the unmodified model')
+    g.add_argument('--val-samples', type=positive_int, default=None, metavar='N',
+                   help='evaluate on a seeded subset of N held-out images (default: all)')
+    add_output_arg(parser)
+    parser.set_defaults(func=run)
