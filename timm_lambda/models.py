@@ -23,7 +23,7 @@ from torch import nn
 import timm
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models import get_pretrained_cfg, is_model, model_entrypoint, split_model_name_tag
+from timm.models import get_model_args, get_pretrained_cfg, is_model, model_entrypoint, split_model_name_tag
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_filter_fn as vit_filter_fn
 
@@ -249,7 +249,8 @@ def create_lambda_model(
     arch = getattr(base, 'pretrained_cfg', {}).get('architecture')
     if not arch:
         raise ValueError('The model has no pretrained_cfg architecture: create it with timm.create_model.')
-    base_args = dict(getattr(base, '_model_args', {}), **kwargs)
+    # construction args + what changed since (reset_classifier, set_input_size); keeps drop rates
+    base_args = {**getattr(base, '_model_args', {}), **get_model_args(base), **kwargs}
     base_args = {k: v for k, v in base_args.items() if k not in ('pretrained_cfg', 'pretrained_cfg_overlay')}
     model = timm.create_model(
         'vit_lambda', base_arch=arch, mlp_only_layers=layers, skip_factor=skip_factor, **base_args)
@@ -257,7 +258,7 @@ def create_lambda_model(
     model.to(device=next(base.parameters()).device, dtype=dtype)
     model.load_state_dict(checkpoint_filter_fn(base.state_dict(), model, base_filter_fn=lambda sd, m: sd))
     model.pretrained_cfg = dict(base.pretrained_cfg, architecture='vit_lambda')
-    return model
+    return model.train(base.training)
 
 
 def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
