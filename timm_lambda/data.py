@@ -5,20 +5,24 @@ through torchvision's `FashionMNIST`, decompressed once into `<data_dir>/Fashion
 """
 import gzip
 import os
+import random
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset, get_worker_info
 
 from timm.data import create_dataset as timm_create_dataset
-from timm.data import create_transform
+from timm.data import auto_augment, create_transform
 from timm.data.model_config import resolve_input_data_config
 
 __all__ = [
     'FASHION_MNIST', 'FASHION_MNIST_DEB_DIR', 'default_data_dir', 'prepare_fashion_mnist',
     'create_dataset', 'seeded_subset', 'resolve_data_config', 'eval_transform', 'create_eval_loader',
+    'train_transform', 'TransformDataset', 'EpochBatchSampler', 'create_train_loader',
 ]
 
 FASHION_MNIST = 'fashion-mnist'
@@ -115,13 +119,151 @@ class _ConvertMode:
         return f'{type(self).__name__}(mode={self.mode!r})'
 
 
+def _with_mode(data_config: Dict[str, Any], tf):
+    from torchvision import transforms
+    return transforms.Compose([_ConvertMode('L' if data_config['input_size'][0] == 1 else 'RGB'), tf])
+
+
 def eval_transform(data_config: Dict[str, Any]):
     """timm's evaluation transform, preceded by the channel-mode conversion the model needs."""
-    from torchvision import transforms
-    mode = 'L' if data_config['input_size'][0] == 1 else 'RGB'
     tf = create_transform(**{k: v for k, v in data_config.items() if k != 'input_size'},
                           input_size=data_config['input_size'], is_training=False)
-    return transforms.Compose([_ConvertMode(mode), tf])
+    return _with_mode(data_config, tf)
+
+
+def _posterize(img, bits_to_keep: int, **kwargs):
+    return auto_augment.posterize(img, max(1, bits_to_keep), **kwargs)
+
+
+def _keep_a_bit(tf) -> None:
+    """timm's Posterize ops ask for 0 bits at an extreme magnitude, which recent Pillow (13 here) rejects
+    (it raised `bits must be between or equal to 1 and 8` mid-training): keep at least 1 bit."""
+    for t in getattr(tf, 'transforms', ()):
+        _keep_a_bit(t)
+    ops = list(getattr(tf, 'ops', ())) + [op for sub in getattr(tf, 'policy', ()) for op in sub]
+    for op in ops:
+        if getattr(op, 'aug_fn', None) is auto_augment.posterize:
+            op.aug_fn = _posterize
+
+
+def train_transform(data_config: Dict[str, Any], **aug_kwargs):
+    """timm's training transform (`aug_kwargs`: `create_transform`'s augmentation options, e.g.
+    `auto_augment`, `re_prob`, `color_jitter`, `no_aug`), preceded by the channel-mode conversion."""
+    tf = create_transform(
+        data_config['input_size'], is_training=True, interpolation=data_config['interpolation'],
+        mean=data_config['mean'], std=data_config['std'], **aug_kwargs)
+    _keep_a_bit(tf)
+    return _with_mode(data_config, tf)
+
+
+@contextmanager
+def _seeded_rngs(seed: int) -> Iterator[None]:
+    """Seed Python's, NumPy's and torch's CPU RNGs; in the main process, restore them afterwards."""
+    in_main = get_worker_info() is None
+    if in_main:
+        states = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.random.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        if in_main:
+            random.setstate(states[0])
+            np.random.set_state(states[1])
+            torch.random.set_rng_state(states[2])
+
+
+class TransformDataset(Dataset):
+    """`transform` applied to the images of a dataset of (PIL image, target) pairs.
+
+    Keys are indices, or `(epoch, index)` pairs (from `EpochBatchSampler`): then every RNG the transform
+    may use is seeded from (seed, epoch, index), so an augmented sample depends neither on the worker that
+    loads it nor on where a run was interrupted and resumed.
+    """
+
+    def __init__(self, dataset: Dataset, transform: Any, seed: int = 0) -> None:
+        self.dataset = dataset
+        self.transform = transform
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: Union[int, Tuple[int, int]]):
+        if isinstance(key, tuple):
+            epoch, index = key
+            img, target = self.dataset[index]
+            with _seeded_rngs(((self.seed * 1_000_003 + epoch) * 1_000_003 + index) % 2 ** 63):
+                return self.transform(img), target
+        img, target = self.dataset[key]
+        return self.transform(img), target
+
+
+class EpochBatchSampler(Sampler[List[Tuple[int, int]]]):
+    """Full batches of `(epoch, index)` keys: a seeded shuffle per epoch, sharded over ranks, resumable.
+
+    Every epoch has `num_batches` batches per rank (`num_samples // (batch_size * world_size)`; the rest
+    of the shuffled samples is dropped). `set_epoch(epoch, start_batch)` picks the epoch and the batch to
+    start from, so a resumed run sees exactly the batches an uninterrupted one would.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0) -> None:
+        if batch_size < 1:
+            raise ValueError(f'The batch size must be positive, got {batch_size}.')
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.num_batches = num_samples // (batch_size * world_size)
+        if self.num_batches == 0:
+            raise ValueError(
+                f'{num_samples} training samples do not fill one batch of {batch_size} per process '
+                f'x {world_size} process(es): use more samples or a smaller --batch-size.')
+        self.epoch = 0
+        self.start_batch = 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        if not 0 <= start_batch <= self.num_batches:
+            raise ValueError(f'Batch {start_batch} is out of range for an epoch of {self.num_batches} batches.')
+        self.epoch = epoch
+        self.start_batch = start_batch
+
+    def __len__(self) -> int:
+        return self.num_batches - self.start_batch
+
+    def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        n = self.num_batches * self.batch_size
+        indices = torch.randperm(self.num_samples, generator=g)[self.rank::self.world_size][:n].tolist()
+        for b in range(self.start_batch, self.num_batches):
+            yield [(self.epoch, i) for i in indices[b * self.batch_size:(b + 1) * self.batch_size]]
+
+
+def create_train_loader(
+        dataset: Dataset,
+        transform: Any,
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        workers: int = 2,
+        pin_memory: bool = False,
+) -> DataLoader:
+    """A resumable training loader: `EpochBatchSampler` batches of `dataset` through `transform`.
+
+    Its `batch_sampler.set_epoch(epoch, start_batch)` selects what the next iteration yields. The global
+    RNGs are never touched (a private generator seeds the workers; samples seed their own augmentation).
+    """
+    return DataLoader(
+        TransformDataset(dataset, transform, seed=seed),
+        batch_sampler=EpochBatchSampler(len(dataset), batch_size, rank=rank, world_size=world_size, seed=seed),
+        num_workers=workers,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 def create_eval_loader(

@@ -19,11 +19,15 @@ __all__ = [
 ]
 
 
+_WEIGHT_SOURCES = ('local-dir:', 'hf-hub:')
+
+
 def add_model_args(parser: argparse.ArgumentParser, default_model: Optional[str] = None) -> None:
     g = parser.add_argument_group('model')
     g.add_argument('--model', default=default_model, required=default_model is None,
                    help='anything timm.create_model accepts (a name, hf-hub:ORG/NAME, local-dir:PATH)')
-    g.add_argument('--pretrained', action='store_true', help='load the model\'s pretrained weights')
+    g.add_argument('--pretrained', action='store_true',
+                   help='load the model\'s pretrained weights (always for local-dir: and hf-hub: sources)')
     g.add_argument('--initial-checkpoint', default='', metavar='PATH', help='load weights from this checkpoint')
     g.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='K=V',
                    help='extra timm.create_model kwargs, e.g. img_size=28 patch_size=4 in_chans=1 num_classes=10')
@@ -79,8 +83,10 @@ def create_model_from_args(args: argparse.Namespace, **kwargs) -> torch.nn.Modul
     if args.img_size is not None:
         model_kwargs['img_size'] = args.img_size
     model_kwargs.update(kwargs)
+    # a model folder or Hub repo is its weights: load them without --pretrained
+    pretrained = args.pretrained or args.model.startswith(_WEIGHT_SOURCES)
     try:
-        model = timm.create_model(args.model, pretrained=args.pretrained, **model_kwargs)
+        model = timm.create_model(args.model, pretrained=pretrained, **model_kwargs)
     except RuntimeError as e:
         if 'Unknown model' in str(e):
             raise ValueError(f'Unknown model {args.model!r}: not a timm model name, hf-hub: or local-dir: source.') from e

@@ -1,0 +1,122 @@
+"""`timm-lambda finetune`: train a lambda (or any timm) model downstream, with a new classifier.
+
+Also holds the training flags `dilute` shares (named as in timm's train.py).
+"""
+import argparse
+import logging
+import os
+from dataclasses import fields
+from typing import Optional, Sequence
+
+import torch
+import timm
+
+from ..data import create_dataset
+from ..train import SCHEDULERS, TrainConfig, train
+from .common import _WEIGHT_SOURCES, add_data_args, add_model_args, add_output_arg, create_model_from_args
+
+__all__ = ['add_parser', 'add_train_args', 'run_training']
+
+_logger = logging.getLogger(__name__)
+
+
+def _none_or_str(value: str) -> Optional[str]:
+    return None if value.lower() in ('', 'none') else value
+
+
+def add_train_args(parser: argparse.ArgumentParser, kd_default: bool) -> None:
+    """The trainer's flags; `kd_default` turns distillation on (dilute) or off (finetune) by default."""
+    d = TrainConfig('')
+    g = parser.add_argument_group('training')
+    g.add_argument('--epochs', type=int, default=d.epochs, help='epochs (default: %(default)s)')
+    g.add_argument('--opt', default=d.opt, help='timm optimizer (default: %(default)s)')
+    g.add_argument('--lr', type=float, default=None, help='learning rate (default: --lr-base x global batch / 512)')
+    g.add_argument('--lr-base', type=float, default=d.lr_base, help='learning rate at batch 512 (default: %(default)s)')
+    g.add_argument('--momentum', type=float, default=d.momentum, help='optimizer momentum (default: %(default)s)')
+    g.add_argument('--weight-decay', type=float, default=d.weight_decay, help='weight decay (default: %(default)s)')
+    g.add_argument('--sched', default=d.sched, choices=SCHEDULERS, help='lr schedule, per step (default: %(default)s)')
+    g.add_argument('--warmup-epochs', type=int, default=d.warmup_epochs, help='lr warmup epochs (default: %(default)s)')
+    g.add_argument('--warmup-lr', type=float, default=d.warmup_lr, help='warmup start lr (default: %(default)s)')
+    g.add_argument('--min-lr', type=float, default=d.min_lr, help='lr floor (default: %(default)s)')
+    g.add_argument('--smoothing', type=float, default=d.smoothing, help='label smoothing (default: %(default)s)')
+    g.add_argument('--clip-grad', type=float, default=None, metavar='NORM', help='clip gradients (default: off)')
+    g.add_argument('--clip-mode', default=d.clip_mode, choices=('norm', 'value', 'agc'), help='gradient clipping mode')
+    g.add_argument('--drop-path', type=float, default=None, metavar='PCT', help='stochastic depth rate (model kwarg)')
+    g.add_argument('--model-ema', action='store_true', help='keep an EMA of the weights (exported to OUTPUT/ema)')
+    g.add_argument('--model-ema-decay', type=float, default=d.model_ema_decay, help='EMA decay (default: %(default)s)')
+    g.add_argument('--amp', action='store_true', help='bf16 mixed precision')
+    g.add_argument('--train-samples', type=int, default=None, metavar='N', help='train on a seeded subset of N images')
+    g.add_argument('--val-samples', type=int, default=None, metavar='N', help='validate on a seeded subset of N images')
+    g.add_argument('--resume', default=None, metavar='PATH',
+                   help='continue a run from its checkpoint (a last.pth, or the run\'s --output folder)')
+    g.add_argument('--checkpoint-every', type=int, default=d.checkpoint_every, metavar='STEPS',
+                   help='also checkpoint every STEPS optimizer steps (default: every epoch only)')
+    g.add_argument('--log-interval', type=int, default=d.log_interval, metavar='STEPS',
+                   help='update the progress bar and check the loss every STEPS steps (default: %(default)s)')
+
+    g = parser.add_argument_group('distillation')
+    g.add_argument('--kd', action=argparse.BooleanOptionalAction, default=kd_default,
+                   help='distill from the frozen teacher (default: %(default)s)')
+    g.add_argument('--kd-weight', type=float, default=d.kd_weight,
+                   help='weight of the distillation loss, the rest on the label loss (default: %(default)s)')
+    g.add_argument('--kd-temperature', type=float, default=d.kd_temperature, help='softmax temperature (default: %(default)s)')
+    g.add_argument('--teacher', default=None, metavar='MODEL',
+                   help='teacher (anything timm.create_model accepts, with its pretrained weights); '
+                        'default: the model as it is before training')
+
+    g = parser.add_argument_group('augmentation (DeiT recipe by default; each switchable)')
+    g.add_argument('--no-aug', action='store_true', help='no image augmentation (mixup/cutmix are separate)')
+    g.add_argument('--scale', type=float, nargs=2, default=None, metavar=('MIN', 'MAX'), help='random-resized-crop scale')
+    g.add_argument('--hflip', type=float, default=d.hflip, help='horizontal flip probability (default: %(default)s)')
+    g.add_argument('--color-jitter', type=float, default=d.color_jitter, help='color jitter (without --aa; default: %(default)s)')
+    g.add_argument('--aa', type=_none_or_str, default=d.aa, help='RandAugment / AutoAugment policy, or none (default: %(default)s)')
+    g.add_argument('--reprob', type=float, default=d.reprob, help='random erasing probability (default: %(default)s)')
+    g.add_argument('--remode', default=d.remode, help='random erasing mode (default: %(default)s)')
+    g.add_argument('--recount', type=int, default=d.recount, help='random erasing count (default: %(default)s)')
+    g.add_argument('--mixup', type=float, default=d.mixup, help='mixup alpha, 0 = off (default: %(default)s)')
+    g.add_argument('--cutmix', type=float, default=d.cutmix, help='cutmix alpha, 0 = off (default: %(default)s)')
+    g.add_argument('--mixup-prob', type=float, default=d.mixup_prob, help='probability of mixup or cutmix per batch')
+    g.add_argument('--mixup-switch-prob', type=float, default=d.mixup_switch_prob, help='probability of cutmix over mixup')
+    g.add_argument('--mixup-mode', default=d.mixup_mode, choices=('batch', 'pair', 'elem'), help='how mixup params are drawn')
+
+
+def run_training(args: argparse.Namespace, layers: Sequence[int] = ()) -> int:
+    """Build the model, teacher and data from the flags and train (dilute when `layers`)."""
+    trained = args.pretrained or args.model.startswith(_WEIGHT_SOURCES) or args.initial_checkpoint or args.resume
+    if int(os.environ.get('RANK', 0)) == 0 and not trained:
+        _logger.warning('Training from random weights: pass --pretrained (or --initial-checkpoint) to start '
+                        'from trained ones.')
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    extra = {'drop_path_rate': args.drop_path} if args.drop_path is not None else {}
+    model = create_model_from_args(args, **extra)
+    teacher = None
+    if args.teacher:
+        if not args.kd:
+            raise ValueError('--teacher is for distillation: add --kd.')
+        teacher = timm.create_model(args.teacher, pretrained=True)
+    train_dataset = create_dataset(args.dataset, args.data_dir, split=args.train_split, is_training=True)
+    val_dataset = create_dataset(args.dataset, args.data_dir, split=args.val_split)
+    names = {f.name for f in fields(TrainConfig)} - {'layers', 'scale'}
+    config = TrainConfig(
+        **{k: v for k, v in vars(args).items() if k in names},
+        layers=tuple(layers), scale=tuple(args.scale) if args.scale else None)
+    train(model, train_dataset, val_dataset, config, teacher=teacher)
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.kd and not args.teacher:
+        raise ValueError('Fine-tuning with --kd needs a --teacher MODEL that knows the new classes.')
+    return run_training(args)
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        'finetune', help='fine-tune a lambda (or any timm) model, with a new classifier',
+        description='Fine-tune a model on a dataset: the dilution trainer without dilution. '
+                    'Give --num-classes for a new classifier; distillation is off unless --kd.')
+    add_model_args(parser)
+    add_data_args(parser)
+    add_output_arg(parser)
+    add_train_args(parser, kd_default=False)
+    parser.set_defaults(func=_run)
