@@ -20,7 +20,6 @@ def add_parser(subparsers) -> None:
     add_model_args(parser)
     parser.add_argument('--baseline', default=None, help='model to compare with (same flags as --model)')
     parser.add_argument('-b', '--batch-size', type=int, default=8, help='images per forward pass')
-    parser.add_argument('--amp', action='store_true', help='bf16 autocast')
     parser.add_argument('--compile', action='store_true', help='torch.compile the models (compiled during warm-up)')
     parser.add_argument('--warmup', type=int, default=3, help='untimed rounds')
     parser.add_argument('--repeats', type=int, default=10, help='timed rounds (one forward pass of each model)')

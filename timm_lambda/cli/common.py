@@ -10,12 +10,15 @@ import torch
 import timm
 from timm.utils import ParseKwargs
 
-from ..data import FASHION_MNIST, create_dataset, eval_transform, resolve_data_config
+from torch.utils.data import DataLoader
+
+from ..data import FASHION_MNIST, create_dataset, create_eval_loader, eval_transform, resolve_data_config
 from ..models import parse_layers
 
 __all__ = [
     'add_model_args', 'add_data_args', 'add_output_arg', 'add_layers_args', 'create_model_from_args',
-    'data_config_from_args', 'create_eval_dataset_from_args', 'resolve_device', 'write_json',
+    'data_config_from_args', 'create_eval_dataset_from_args', 'resolve_device', 'write_json', 'layers_from_args',
+    'positive_int', 'add_calibration_args', 'model_from_args', 'calibration_loader_from_args',
 ]
 
 
@@ -34,6 +37,7 @@ def add_model_args(parser: argparse.ArgumentParser, default_model: Optional[str]
     g.add_argument('--num-classes', type=int, default=None, help='classifier size (default: the model\'s)')
     g.add_argument('--img-size', type=int, default=None, help='input image size (default: the model\'s)')
     g.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='torch device')
+    g.add_argument('--amp', action='store_true', help='bf16 autocast (statistics stay float64)')
     g.add_argument('--seed', type=int, default=42, help='random seed')
     g.add_argument('--debug', action='store_true', help='show tracebacks on errors')
 
@@ -111,6 +115,32 @@ def create_eval_dataset_from_args(args: argparse.Namespace, model: torch.nn.Modu
         transform=eval_transform(data_config_from_args(args, model)))
 
 
+def positive_int(value: str) -> int:
+    n = int(value)
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f'must be a positive integer, got {value}')
+    return n
+
+
+def add_calibration_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group('calibration')
+    g.add_argument('--num-images', type=positive_int, default=1024, metavar='N',
+                   help='calibration images: a seeded subset of --train-split (default: %(default)s)')
+
+
+def model_from_args(args: argparse.Namespace) -> torch.nn.Module:
+    """The model (randomly initialised ones seeded by --seed) on --device, in eval mode."""
+    device = resolve_device(args.device)
+    torch.manual_seed(args.seed)
+    return create_model_from_args(args).to(device).eval()
+
+
+def calibration_loader_from_args(args: argparse.Namespace, model: torch.nn.Module) -> DataLoader:
+    """A seeded subset of --num-images images of --train-split, in the model's preprocessing."""
+    dataset = create_eval_dataset_from_args(args, model, split=args.train_split)
+    return create_eval_loader(dataset, args.batch_size, args.workers, num_samples=args.num_images, seed=args.seed)
+
+
 def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == 'cuda' and not torch.cuda.is_available():
@@ -126,5 +156,6 @@ def write_json(path: os.PathLike, obj: Any) -> Path:
     with os.fdopen(fd, 'w') as f:
         json.dump(obj, f, indent=2)
         f.write('\n')
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
     return path

@@ -6,11 +6,24 @@ from ..train import TrainConfig
 from .common import add_data_args, add_layers_args, add_model_args, add_output_arg, layers_from_args
 from .finetune import add_train_args, run_training
 
-__all__ = ['add_parser']
+__all__ = ['add_parser', 'add_dilution_args']
 
 
 def _run(args: argparse.Namespace) -> int:
     return run_training(args, layers=layers_from_args(args))
+
+
+def add_dilution_args(parser: argparse.ArgumentParser) -> None:
+    """--target, --lam-schedule, --dilution-frac."""
+    d = TrainConfig('')
+    g = parser.add_argument_group('dilution')
+    g.add_argument('--target', default=d.target, choices=tuple(TARGETS),
+                   help='what the attention becomes: identity (x -> 2x, the paper) or zero (x -> x) (default: %(default)s)')
+    g.add_argument('--lam-schedule', default=d.lam_schedule, choices=LAM_SCHEDULES,
+                   help='how lam falls from 1 to 0, per step (default: %(default)s)')
+    g.add_argument('--dilution-frac', type=float, default=d.dilution_frac, metavar='FRAC',
+                   help='fraction of the training steps over which lam reaches 0 (default: %(default)s, '
+                        'the paper: 299 of 400 epochs)')
 
 
 def add_parser(subparsers) -> None:
@@ -24,14 +37,6 @@ def add_parser(subparsers) -> None:
     add_layers_args(parser)
     add_data_args(parser)
     add_output_arg(parser)
-    d = TrainConfig('')
-    g = parser.add_argument_group('dilution')
-    g.add_argument('--target', default=d.target, choices=tuple(TARGETS),
-                   help='what the attention becomes: identity (x -> 2x, the paper) or zero (x -> x) (default: %(default)s)')
-    g.add_argument('--lam-schedule', default=d.lam_schedule, choices=LAM_SCHEDULES,
-                   help='how lam falls from 1 to 0, per step (default: %(default)s)')
-    g.add_argument('--dilution-frac', type=float, default=d.dilution_frac, metavar='FRAC',
-                   help='fraction of the training steps over which lam reaches 0 (default: %(default)s, '
-                        'the paper: 299 of 400 epochs)')
+    add_dilution_args(parser)
     add_train_args(parser, kd_default=True)
     parser.set_defaults(func=_run)

@@ -15,7 +15,7 @@ from ..data import create_dataset
 from ..train import SCHEDULERS, TrainConfig, train
 from .common import _WEIGHT_SOURCES, add_data_args, add_model_args, add_output_arg, create_model_from_args
 
-__all__ = ['add_parser', 'add_train_args', 'run_training']
+__all__ = ['add_parser', 'add_train_args', 'run_training', 'train_config_from_args']
 
 _logger = logging.getLogger(__name__)
 
@@ -44,7 +44,6 @@ def add_train_args(parser: argparse.ArgumentParser, kd_default: bool) -> None:
     g.add_argument('--drop-path', type=float, default=None, metavar='PCT', help='stochastic depth rate (model kwarg)')
     g.add_argument('--model-ema', action='store_true', help='keep an EMA of the weights (exported to OUTPUT/ema)')
     g.add_argument('--model-ema-decay', type=float, default=d.model_ema_decay, help='EMA decay (default: %(default)s)')
-    g.add_argument('--amp', action='store_true', help='bf16 mixed precision')
     g.add_argument('--train-samples', type=int, default=None, metavar='N', help='train on a seeded subset of N images')
     g.add_argument('--val-samples', type=int, default=None, metavar='N', help='validate on a seeded subset of N images')
     g.add_argument('--resume', default=None, metavar='PATH',
@@ -96,12 +95,16 @@ def run_training(args: argparse.Namespace, layers: Sequence[int] = ()) -> int:
         teacher = timm.create_model(args.teacher, pretrained=True)
     train_dataset = create_dataset(args.dataset, args.data_dir, split=args.train_split, is_training=True)
     val_dataset = create_dataset(args.dataset, args.data_dir, split=args.val_split)
-    names = {f.name for f in fields(TrainConfig)} - {'layers', 'scale'}
-    config = TrainConfig(
-        **{k: v for k, v in vars(args).items() if k in names},
-        layers=tuple(layers), scale=tuple(args.scale) if args.scale else None)
-    train(model, train_dataset, val_dataset, config, teacher=teacher)
+    train(model, train_dataset, val_dataset, train_config_from_args(args, layers), teacher=teacher)
     return 0
+
+
+def train_config_from_args(args: argparse.Namespace, layers: Sequence[int] = (), **overrides) -> TrainConfig:
+    """The `TrainConfig` the flags describe (dilution of `layers`), with `overrides`."""
+    names = {f.name for f in fields(TrainConfig)} - {'layers', 'scale'} - set(overrides)
+    return TrainConfig(
+        **{k: v for k, v in vars(args).items() if k in names},
+        layers=tuple(layers), scale=tuple(args.scale) if args.scale else None, **overrides)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -9,11 +9,11 @@ from typing import Any, Dict
 from ..data import create_eval_loader
 from ..selection import CRITERIA, evaluate_selection, num_layers_to_remove, select_layers
 from .common import (
-    add_data_args, add_model_args, add_output_arg, create_eval_dataset_from_args, resolve_device, write_json,
+    add_calibration_args, add_data_args, add_model_args, add_output_arg, calibration_loader_from_args,
+    create_eval_dataset_from_args, model_from_args, positive_int, resolve_device, write_json,
 )
-from .profile import add_calibration_args, calibration_loader_from_args, model_from_args, positive_int
 
-__all__ = ['add_parser']
+__all__ = ['add_parser', 'add_selection_args', 'save_selection']
 
 
 def _layers(layers) -> str:
@@ -52,10 +52,28 @@ def run(args: argparse.Namespace) -> int:
             num_samples=args.val_samples, seed=args.seed)
         selection = evaluate_selection(
             model, val_loader, selection, skip_factor=args.skip_factor, device=device, amp=args.amp)
-    path = write_json(Path(args.output) / 'selection.json', selection)
+    save_selection(selection, args.output)
+    return 0
+
+
+def save_selection(selection: Dict[str, Any], output: str) -> Path:
+    """Write `selection.json` into `output` and print the steps / comparison; returns its path."""
+    path = write_json(Path(output) / 'selection.json', selection)
     print_selection(selection)
     print(f'wrote {path}')
-    return 0
+    return path
+
+
+def add_selection_args(parser: argparse.ArgumentParser, required: bool = True) -> argparse._ArgumentGroup:
+    """--remove K | --ratio R (one `required`), --criterion, --skip-factor; returns the group for more flags."""
+    g = parser.add_argument_group('selection')
+    how_many = g.add_mutually_exclusive_group(required=required)
+    how_many.add_argument('--remove', type=int, metavar='K', help='number of attention layers to remove')
+    how_many.add_argument('--ratio', type=float, metavar='R', help='fraction of the blocks, in (0, 1)')
+    g.add_argument('--criterion', default='nose', choices=CRITERIA + ('all',), help='(default: %(default)s)')
+    g.add_argument('--skip-factor', type=float, default=2.0,
+                   help='residual scale of a degenerated block (2: the lambda = 0 form; default: %(default)s)')
+    return g
 
 
 def add_parser(subparsers) -> None:
@@ -66,13 +84,7 @@ def add_parser(subparsers) -> None:
     add_model_args(parser)
     add_data_args(parser)
     add_calibration_args(parser)
-    g = parser.add_argument_group('selection')
-    how_many = g.add_mutually_exclusive_group(required=True)
-    how_many.add_argument('--remove', type=int, metavar='K', help='number of attention layers to remove')
-    how_many.add_argument('--ratio', type=float, metavar='R', help='fraction of the blocks, in (0, 1)')
-    g.add_argument('--criterion', default='nose', choices=CRITERIA + ('all',), help='(default: %(default)s)')
-    g.add_argument('--skip-factor', type=float, default=2.0,
-                   help='residual scale of a degenerated block (2: the lambda = 0 form; default: %(default)s)')
+    g = add_selection_args(parser)
     g.add_argument('--eval', action='store_true',
                    help='score each selection zero-shot (top-1 on --val-split, no training) '
                         'beside the unmodified model')
