@@ -7,15 +7,6 @@ from timm_lambda import create_lambda_model
 from timm_lambda.entropy import RunningMoments, SublayerTaps, plot_entropy, profile_entropy
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    # tiny models on shared cores: one intra-op thread avoids oversubscription
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_entropy_matches_gaussian_closed_form():
     # N(mu_c, sigma_c^2) channels: h = sum_c log(sigma_c) + C/2 log(2 pi e); the estimator drops the constant
     g = torch.Generator().manual_seed(0)

@@ -14,15 +14,6 @@ from timm_lambda.selection import (
 )
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    # tiny models on shared cores: one intra-op thread avoids oversubscription
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope='module')
 def deep_vit():
     """L = 12 blocks, the depth of the issue's cost target."""

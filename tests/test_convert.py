@@ -1,0 +1,71 @@
+"""`timm-lambda convert` end to end on a tiny ViT and real Fashion-MNIST images, and the shipped reference."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import timm
+
+import timm_lambda
+from timm_lambda.cli import main
+from timm_lambda.reference import REFERENCE_DIR, REFERENCE_MODEL, reference_training
+
+from conftest import TINY_VIT, TINY_VIT_KWARGS
+
+SUMMARY_FIELDS = ('top1_before', 'top1_after', 'mlp_only_layers', 'params_before', 'params_after', 'speedup', 'files')
+
+
+@pytest.fixture(scope='module')
+def converted(tmp_path_factory):
+    out = tmp_path_factory.mktemp('convert')
+    kwargs = [f'{k}={v}' for k, v in TINY_VIT_KWARGS.items()]
+    rc = main(['convert', '--model', TINY_VIT, '--model-kwargs', *kwargs, '--remove', '2', '--num-images', '64',
+               '--train-samples', '256', '--val-samples', '128', '--epochs', '1', '--bench-repeats', '2',
+               '--output', str(out)])
+    assert rc == 0
+    return out
+
+
+def test_summary_has_the_fields_and_the_files_exist(converted):
+    summary = json.loads((converted / 'summary.json').read_text())
+    for key in SUMMARY_FIELDS:
+        assert key in summary
+    assert len(summary['mlp_only_layers']) == 2
+    assert summary['params_after'] < summary['params_before']
+    assert summary['speedup'] > 0
+    for name, path in summary['files'].items():
+        assert Path(path).exists(), name
+    selection = json.loads((converted / 'select' / 'selection.json').read_text())
+    assert selection['mlp_only_layers'] == summary['mlp_only_layers']
+    metrics = json.loads((converted / 'dilute' / 'metrics.json').read_text())
+    assert metrics['epochs'][-1]['lam'] == 0.0
+
+
+def test_export_loads_as_the_converted_model(converted):
+    summary = json.loads((converted / 'summary.json').read_text())
+    exported = timm.create_model(f'local-dir:{converted / "export"}', pretrained=True).eval()
+    dilute = timm.create_model(f'local-dir:{converted / "dilute"}', pretrained=True).eval()
+    assert exported.mlp_only_layers == tuple(summary['mlp_only_layers'])
+    x = torch.randn(2, 1, 28, 28)
+    torch.testing.assert_close(exported(x), dilute(x), rtol=0, atol=0)
+    card = (converted / 'export' / 'README.md').read_text()
+    assert card.startswith('---') and 'library_name: timm' in card
+
+
+def test_convert_rejects_bad_ratio(tmp_path, capsys):
+    kwargs = [f'{k}={v}' for k, v in TINY_VIT_KWARGS.items()]
+    assert main(['convert', '--model', TINY_VIT, '--model-kwargs', *kwargs, '--ratio', '1.5',
+                 '--num-images', '16', '--output', str(tmp_path)]) != 0
+    assert 'ratio' in capsys.readouterr().err
+
+
+def test_reference_model_is_shipped_and_trained():
+    training = reference_training()
+    assert (REFERENCE_DIR / 'model.safetensors').stat().st_size < 5 * 2 ** 20
+    model = timm.create_model(REFERENCE_MODEL, pretrained=True).eval()
+    assert len(model.blocks) == 12 and model.num_classes == 10
+    data = timm_lambda.data.create_dataset('fashion-mnist', split='test')
+    x = (data.data[:500].float().div(255).unsqueeze(1) - model.pretrained_cfg['mean'][0]) / model.pretrained_cfg['std'][0]
+    with torch.no_grad():
+        top1 = 100.0 * (model(x).argmax(-1) == data.targets[:500]).float().mean().item()
+    assert abs(top1 - training['test_top1']) < 4.0  # 500 images of the 10k the recorded figure was measured on
