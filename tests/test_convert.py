@@ -6,7 +6,7 @@ import pytest
 import torch
 import timm
 
-import timm_lambda
+from timm_lambda.data import create_dataset
 from timm_lambda.cli import main
 from timm_lambda.reference import REFERENCE_DIR, REFERENCE_MODEL, reference_training
 
@@ -64,7 +64,7 @@ def test_reference_model_is_shipped_and_trained():
     assert (REFERENCE_DIR / 'model.safetensors').stat().st_size < 5 * 2 ** 20
     model = timm.create_model(REFERENCE_MODEL, pretrained=True).eval()
     assert len(model.blocks) == 12 and model.num_classes == 10
-    data = timm_lambda.data.create_dataset('fashion-mnist', split='test')
+    data = create_dataset('fashion-mnist', split='test')
     x = (data.data[:500].float().div(255).unsqueeze(1) - model.pretrained_cfg['mean'][0]) / model.pretrained_cfg['std'][0]
     with torch.no_grad():
         top1 = 100.0 * (model(x).argmax(-1) == data.targets[:500]).float().mean().item()
