@@ -396,11 +396,13 @@ def export_model(
         datasets: Sequence[str] = (),
         license: Optional[str] = None,
         weights: Optional[str] = None,
+        model_name: Optional[str] = None,
 ) -> Path:
     """Write a Hub-ready folder for a lambda model: weights, config, model card and the run's files.
 
     `output_dir` is replaced as a whole (built in a temporary sibling, checked, then swapped in); it must be
-    new, empty or an earlier export. The card's arguments are those of `render_model_card`.
+    new, empty or an earlier export. The card's arguments are those of `render_model_card`; its title
+    `model_name` defaults to the repo's name, else the folder's.
     Returns `output_dir`.
     """
     layers = _lambda_layers(model)
@@ -409,7 +411,8 @@ def export_model(
         raise ValueError(f'{output_dir} is not empty and not an export: choose a new or empty folder.')
     run_files = {k: Path(v) for k, v in (run_files or {}).items()}
     card = render_model_card(
-        model, run_files, model_name=repo_id.split('/')[-1] if repo_id else output_dir.resolve().name,
+        model, run_files,
+        model_name=model_name or (repo_id.split('/')[-1] if repo_id else output_dir.resolve().name),
         repo_id=repo_id, base_model=base_model, datasets=datasets, license=license, weights=weights)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f'.{output_dir.name}.export-'))

@@ -116,9 +116,12 @@ def run(args: argparse.Namespace) -> int:
     run_files = {
         'entropy': files['entropy'], 'entropy_plot': files['entropy_plot'], 'selection': files['selection'],
         'metrics': files['metrics'], 'bench': files['bench_json'], 'summary': summary_path}
+    cfg = model.pretrained_cfg
+    name = f'{cfg["architecture"]}_lambda{round(100 * len(layers) / len(model.blocks))}'
     export_dir = export_model(
         converted, out / 'export', run_files, datasets=[args.dataset] if args.dataset else [],
-        weights=f'converted from `{args.model}` by `timm-lambda convert`')
+        weights=f'converted from `{args.model}` by `timm-lambda convert`',
+        model_name=f'{name}.{cfg["tag"]}' if cfg.get('tag') else name)
     files.update(export=str(export_dir), summary=str(summary_path))
     summary.update(time_s=round(time.time() - start, 1), files=files)
     write_json(summary_path, summary)
