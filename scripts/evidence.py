@@ -18,9 +18,10 @@ from pathlib import Path
 
 import torch
 
+from timm_lambda.atomic import write_json
 from timm_lambda.cli import build_parser
 from timm_lambda.cli.common import (
-    calibration_loader_from_args, create_eval_dataset_from_args, model_from_args, write_json,
+    calibration_loader_from_args, create_eval_dataset_from_args, model_from_args,
 )
 from timm_lambda.cli.finetune import train_config_from_args
 from timm_lambda.data import create_dataset, create_eval_loader

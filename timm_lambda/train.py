@@ -37,7 +37,7 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, dispatch_clip_grad, random_seed
 from timm.utils.distributed import init_distributed_device_so, is_distributed_env
 
-from .cli.common import write_json
+from .atomic import torch_save, write_json
 from .data import (
     TransformDataset, create_eval_loader, create_train_loader, eval_transform, resolve_data_config,
     seeded_subset, train_transform,
@@ -188,15 +188,6 @@ def _set_rng_state(state: Dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state['torch'])
     if device.type == 'cuda' and state['cuda'] is not None:
         torch.cuda.set_rng_state(state['cuda'], device)
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-    with open(tmp, 'wb') as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class Trainer:
@@ -384,7 +375,7 @@ class Trainer:
     def save_checkpoint(self, path: Path, elapsed: float) -> None:
         state = self.state_dict(elapsed)
         if state is not None:
-            _atomic_save(state, path)
+            torch_save(state, path)
 
     def load_checkpoint(self, path: Path) -> None:
         """Continue exactly where the checkpoint left off (this process's RNG states included)."""

@@ -2,7 +2,6 @@
 import argparse
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -17,7 +16,7 @@ from ..models import parse_layers
 
 __all__ = [
     'add_model_args', 'add_data_args', 'add_output_arg', 'add_layers_args', 'create_model_from_args',
-    'data_config_from_args', 'create_eval_dataset_from_args', 'resolve_device', 'write_json', 'layers_from_args',
+    'data_config_from_args', 'create_eval_dataset_from_args', 'resolve_device', 'layers_from_args',
     'positive_int', 'add_calibration_args', 'model_from_args', 'calibration_loader_from_args',
 ]
 
@@ -146,16 +145,3 @@ def resolve_device(name: str) -> torch.device:
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise RuntimeError('--device cuda was asked for but CUDA is not available.')
     return device
-
-
-def write_json(path: os.PathLike, obj: Any) -> Path:
-    """Write JSON atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    with os.fdopen(fd, 'w') as f:
-        json.dump(obj, f, indent=2)
-        f.write('\n')
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-    return path

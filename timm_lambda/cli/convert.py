@@ -24,9 +24,10 @@ from ..hub import export_model
 from ..reference import REFERENCE_MODEL
 from ..selection import num_layers_to_remove, select_layers, zero_shot_top1
 from ..train import train
+from ..atomic import write_json
 from .common import (
     add_calibration_args, add_data_args, add_model_args, add_output_arg, calibration_loader_from_args,
-    create_eval_dataset_from_args, model_from_args, resolve_device, write_json,
+    create_eval_dataset_from_args, model_from_args, resolve_device,
 )
 from .dilute import add_dilution_args
 from .finetune import add_train_args, train_config_from_args

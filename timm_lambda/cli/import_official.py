@@ -5,7 +5,7 @@ from pathlib import Path
 from timm.utils import ParseKwargs
 
 from ..official import import_official
-from .common import write_json
+from ..atomic import write_json
 
 __all__ = ['add_parser']
 

@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import Any, Dict
 
 from ..entropy import plot_entropy, profile_entropy
+from ..atomic import write_json
 from .common import (
     add_calibration_args, add_data_args, add_model_args, add_output_arg, calibration_loader_from_args,
-    model_from_args, resolve_device, write_json,
+    model_from_args, resolve_device,
 )
 
 __all__ = ['add_parser', 'save_profile']

@@ -8,9 +8,10 @@ from typing import Any, Dict
 
 from ..data import create_eval_loader
 from ..selection import CRITERIA, evaluate_selection, num_layers_to_remove, select_layers
+from ..atomic import write_json
 from .common import (
     add_calibration_args, add_data_args, add_model_args, add_output_arg, calibration_loader_from_args,
-    create_eval_dataset_from_args, model_from_args, positive_int, resolve_device, write_json,
+    create_eval_dataset_from_args, model_from_args, positive_int, resolve_device,
 )
 
 __all__ = ['add_parser', 'add_selection_args', 'save_selection']
