@@ -36,6 +36,7 @@ def main() -> None:
     parser.add_argument('--output', default='docs/evidence')
     parser.add_argument('--ratios', type=float, nargs='+', default=[0.25, 0.4, 0.5])
     parser.add_argument('--threads', type=int, default=None)
+    parser.add_argument('--report', action='store_true', help='only write OUTPUT/evidence.md from OUTPUT/evidence.json')
     parser.add_argument('convert_args', nargs=argparse.REMAINDER,
                         help='after --: `timm-lambda convert` flags (model, data, dilution budget)')
     args = parser.parse_args()
@@ -46,6 +47,9 @@ def main() -> None:
     out = Path(args.output)
     results_path = out / 'evidence.json'
     done = json.loads(results_path.read_text()) if results_path.is_file() else {'rows': []}
+    if args.report:
+        (out / 'evidence.md').write_text(markdown(done))
+        return
     trained = {(tuple(r['mlp_only_layers'])): r for r in done['rows'] if 'top1_after' in r}
 
     model = model_from_args(cargs)
@@ -55,6 +59,7 @@ def main() -> None:
     calib_loader = calibration_loader_from_args(cargs, model)
     train_dataset = create_dataset(cargs.dataset, cargs.data_dir, split=cargs.train_split, is_training=True)
     val_dataset = create_dataset(cargs.dataset, cargs.data_dir, split=cargs.val_split)
+    teacher = copy.deepcopy(model)  # frozen by the trainer; `model` stays trainable for each run's copy
     top1_before = evaluate_top1(model, val_loader, device, desc='original')
     budget = cargs.epochs * (cargs.train_samples or len(train_dataset))
     reference_budget = reference_training()['images_seen'] if cargs.model == REFERENCE_MODEL else None
@@ -77,7 +82,7 @@ def main() -> None:
                 record['top1_zero_shot'] = zero_shot_top1(model, val_loader, layers, device=device)
                 name = f'r{ratio}-{"_".join(map(str, layers))}'
                 config = train_config_from_args(cargs, layers, output=str(out / 'runs' / name), progress=False)
-                result = train(copy.deepcopy(model), train_dataset, val_dataset, config, teacher=model)
+                result = train(copy.deepcopy(model), train_dataset, val_dataset, config, teacher=teacher)
                 record['top1_after'] = evaluate_top1(result.model, val_loader, device, desc='converted')
                 record['metrics'] = result.metrics
                 trained[layers] = record
