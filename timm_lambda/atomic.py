@@ -7,11 +7,18 @@ from typing import Any
 
 import torch
 
-__all__ = ['write_json', 'torch_save']
+__all__ = ['file_mode', 'write_json', 'torch_save']
+
+
+def file_mode(base: int = 0o666) -> int:
+    """The permissions a plain `open` (base 0o666; `mkdir`: 0o777) gives, less the umask; temp files get 0o600."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return base & ~mask
 
 
 def _replace(tmp: str, path: Path) -> Path:
-    os.chmod(tmp, 0o644)
+    os.chmod(tmp, file_mode())
     os.replace(tmp, path)
     return path
 

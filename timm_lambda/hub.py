@@ -23,6 +23,7 @@ from safetensors import SafetensorError, safe_open
 from timm.models import parse_model_name, save_for_hf
 from timm.models._hub import hf_split
 
+from .atomic import file_mode
 from .models import LambdaVisionTransformer, LambdaVisionTransformerDistilled
 
 __all__ = [
@@ -62,12 +63,6 @@ class PushError(RuntimeError):
     """Uploading an export to the Hub failed; the export folder is left as it was."""
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def save_model_dir(
         model: torch.nn.Module,
         output_dir: os.PathLike,
@@ -86,7 +81,7 @@ def save_model_dir(
     try:
         save_for_hf(model, tmp, model_config=model_config, model_args=model_args, safe_serialization=True)
         for name in (WEIGHTS_NAME, CONFIG_NAME):
-            os.chmod(tmp / name, 0o666 & ~_umask())  # safetensors writes owner-only files
+            os.chmod(tmp / name, file_mode())  # safetensors writes owner-only files
             os.replace(tmp / name, output_dir / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -425,7 +420,7 @@ def export_model(
             dest.parent.mkdir(exist_ok=True)
             shutil.copyfile(path, dest)
         check_export(tmp)
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes owner-only folders
+        os.chmod(tmp, file_mode(0o777))  # mkdtemp makes owner-only folders
         if output_dir.exists():
             old = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f'.{output_dir.name}.old-'))
             os.replace(output_dir, old / output_dir.name)
