@@ -9,15 +9,21 @@ augmentation: random crop with 2-pixel zero padding + horizontal flip; seed 0.
 The data is held in memory as tensors (the preprocessing equals the model's eval transform:
 crop_pct 1.0, mean/std of the training set), which keeps a CPU epoch short.
 
-    python scripts/train_reference.py --output timm_lambda/reference --epochs 10
+    python scripts/train_reference.py --output runs/reference --epochs 40 --threads 1
+    python scripts/train_reference.py --output runs/reference --epochs 40 --threads 1 --resume  # after a kill
 
 Writes `model.safetensors` + `config.json` (timm `local-dir:` format) and `training.json`
-(recipe, budget in images seen and seconds, per-epoch test top-1). Resumes from
-`OUTPUT/.train_state.pt` when killed.
+(recipe, budget in images seen and seconds, per-epoch test top-1, command, machine). After every
+epoch the state is saved atomically to `OUTPUT/.train_state.pt`; `--resume` continues from it, and a
+new run refuses to start over another run's state. Copy the three files into `timm_lambda/reference/`
+to ship them.
 """
 import argparse
 import json
 import os
+import platform
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -68,7 +74,7 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_siz
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--output', default='timm_lambda/reference')
-    parser.add_argument('--epochs', type=int, default=10)
+    parser.add_argument('--epochs', type=int, default=40)
     parser.add_argument('--lr', type=float, default=2e-3)
     parser.add_argument('--weight-decay', type=float, default=0.05)
     parser.add_argument('-b', '--batch-size', type=int, default=256)
@@ -76,10 +82,14 @@ def main() -> None:
     parser.add_argument('--drop-path', type=float, default=0.05)
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--threads', type=int, default=None, help='torch threads (default: torch\'s)')
+    parser.add_argument('--resume', action='store_true', help='continue the run whose state is in --output')
     args = parser.parse_args()
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     state_path = out / '.train_state.pt'
+    if state_path.is_file() != args.resume:
+        parser.error(f'{state_path}: ' + ('another run\'s state is there: add --resume to continue it'
+                                         if not args.resume else 'no state to resume from'))
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -97,7 +107,7 @@ def main() -> None:
     x_test, y_test = load_split(False)
     g = torch.Generator().manual_seed(args.seed)
     history, start, elapsed = [], 0, 0.0
-    if state_path.is_file():
+    if args.resume:
         state = torch.load(state_path, weights_only=True)
         model.load_state_dict(state['model'])
         optimizer.load_state_dict(state['optimizer'])
@@ -132,11 +142,13 @@ def main() -> None:
     model.eval()
     save_model_dir(model, out)
     training = dict(
-        model=MODEL, model_args=MODEL_ARGS, recipe=vars(args) | dict(optimizer='adamw', sched='cosine',
+        model=MODEL, model_args=MODEL_ARGS, recipe={k: v for k, v in vars(args).items() if k != 'resume'} | dict(optimizer='adamw', sched='cosine',
                                                                       warmup_epochs=1, augment='pad2-crop+hflip'),
         train_images=len(x_train), images_seen=steps * args.batch_size * args.epochs,
         train_time_s=round(elapsed, 1), torch_threads=torch.get_num_threads(),
-        test_top1=history[-1]['test_top1'], history=history)
+        test_top1=history[-1]['test_top1'], history=history,
+        command=shlex.join(['python', 'scripts/train_reference.py'] + [a for a in sys.argv[1:] if a != '--resume']),
+        machine=f'{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), torch {torch.__version__}')
     (out / 'training.json').write_text(json.dumps(training, indent=2) + '\n')
     state_path.unlink()
     print(f'test top-1 {training["test_top1"]:.2f} -> {out}')
