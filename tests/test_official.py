@@ -98,7 +98,7 @@ def test_missing_file_and_non_checkpoint_content(tmp_path):
     with pytest.raises(ValueError, match='not a checkpoint dict'):
         load_official_checkpoint(tmp_path / 'list.pth')
     torch.save({'model_ema': {'w': torch.zeros(1)}, 'epoch': 3}, tmp_path / 'ema_only.pth')
-    with pytest.raises(ValueError, match='no `model` entry.*not `model_ema`'):
+    with pytest.raises(ValueError, match='no `model` or `net` entry.*not `model_ema`'):
         load_official_checkpoint(tmp_path / 'ema_only.pth')
 
 
@@ -124,3 +124,17 @@ def test_layout_extra_and_missing_keys(tmp_path):
     ckpt = _save_official(tmp_path / 'odd.pth', sd)
     with pytest.raises(ValueError, match=r"missing from the checkpoint: \['blocks.4.mlp.fc1.bias'\].*not in the architecture: \['head_dist.weight'\]"):
         import_official(ckpt, 'vit_lambda', tmp_path / 'out', model_kwargs=SMALL_LAMBDA)
+
+
+def test_state_dict_under_net(tmp_path):
+    """The authors' loader also accepts the state dict under `net`; `model_ema` is never taken."""
+    sd = timm.create_model('vit_lambda', **SMALL_LAMBDA).state_dict()
+    ema = {k: v + 1 for k, v in sd.items()}
+    path = tmp_path / 'net.pth'
+    torch.save({'net': sd, 'model_ema': ema, 'epoch': 3}, path)
+    state_dict, others = load_official_checkpoint(path)
+    assert state_dict.keys() == sd.keys() and all(torch.equal(state_dict[k], sd[k]) for k in sd)
+    assert sorted(others) == ['epoch', 'model_ema']
+    torch.save({'model_ema': ema, 'epoch': 3}, path)
+    with pytest.raises(ValueError, match='no `model` or `net` entry'):
+        load_official_checkpoint(path)

@@ -25,6 +25,7 @@ __all__ = ['load_official_checkpoint', 'load_into_model', 'import_official']
 
 _logger = logging.getLogger(__name__)
 
+_STATE_DICT_KEYS = ('model', 'net')  # where the authors' loader looks, in its order; never `model_ema`
 _REFUSED_GLOBAL = re.compile(r'(Trying to load unsupported GLOBAL [^\n]*|Unsupported global: [^\n]*)')
 
 
@@ -32,7 +33,8 @@ def load_official_checkpoint(path: os.PathLike) -> Tuple[Dict[str, torch.Tensor]
     """Read a DeiT-style checkpoint safely (`weights_only=True`, `argparse.Namespace` allowed).
 
     Returns:
-        The `model` state dict and the checkpoint's other entries (`model_ema`, `epoch`, `args`, ...).
+        The state dict under `model` (or `net`, the other key their loader accepts; never `model_ema`) and
+        the checkpoint's other entries (`model_ema`, `epoch`, `args`, ...).
     """
     path = Path(path)
     if not path.is_file():
@@ -51,20 +53,21 @@ def load_official_checkpoint(path: os.PathLike) -> Tuple[Dict[str, torch.Tensor]
         raise ValueError(f'{path} is not a readable PyTorch checkpoint: {type(e).__name__} {e}') from None
     if not isinstance(checkpoint, dict):
         raise ValueError(f'{path} holds a {type(checkpoint).__name__}, not a checkpoint dict.')
-    if 'model' in checkpoint:
-        state_dict = checkpoint['model']
+    key = next((k for k in _STATE_DICT_KEYS if k in checkpoint), None)
+    if key is not None:
+        state_dict = checkpoint[key]
     elif checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
         state_dict = checkpoint  # a bare state dict
     else:
         raise ValueError(
-            f'{path} has no `model` entry (entries: {sorted(checkpoint)}); the released results use `model`, '
-            f'not `model_ema`.')
+            f'{path} has no `model` or `net` entry (entries: {sorted(checkpoint)}); the released results use '
+            f'`model`, not `model_ema`.')
     if not isinstance(state_dict, dict) or not state_dict:
-        raise ValueError(f'The `model` entry of {path} is not a state dict.')
+        raise ValueError(f'The `{key}` entry of {path} is not a state dict.')
     not_tensors = sorted(k for k, v in state_dict.items() if not isinstance(v, torch.Tensor))
     if not_tensors:
-        raise ValueError(f'The `model` entry of {path} has non-tensor values: {not_tensors[:5]}.')
-    others = {} if state_dict is checkpoint else {k: v for k, v in checkpoint.items() if k != 'model'}
+        raise ValueError(f'The `{key}` entry of {path} has non-tensor values: {not_tensors[:5]}.')
+    others = {} if state_dict is checkpoint else {k: v for k, v in checkpoint.items() if k != key}
     return state_dict, others
 
 
