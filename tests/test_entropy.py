@@ -32,7 +32,10 @@ def test_streaming_merge_equals_one_pass():
     flat = x.reshape(-1, 8).double()
     assert moments.count == 130
     assert moments.mean.dtype == torch.float64
-    torch.testing.assert_close(moments.var, flat.var(0, unbiased=False), rtol=1e-12, atol=0)
+    torch.testing.assert_close(moments.variance(), flat.var(0, unbiased=False), rtol=1e-12, atol=0)
+    torch.testing.assert_close(moments.variance(unbiased=True), flat.var(0, unbiased=True), rtol=1e-12, atol=0)
+    expected = flat.std(0, unbiased=True).log2().sum().item()
+    assert moments.entropy(unbiased=True, base=2) == pytest.approx(expected, rel=1e-12)
     assert moments.entropy() == pytest.approx(flat.std(0, unbiased=False).log().sum().item(), rel=1e-12)
 
 

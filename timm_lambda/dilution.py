@@ -9,6 +9,7 @@ with s = 2 for the identity target (`x = (2 - lam) * x + lam * ...`, the paper's
 zero target (`x = x + lam * ...`). lam goes 1 -> 0 per optimizer step; at lam = 0 the block is exactly
 the `MlpOnlyBlock` of `models.py` with `skip_factor = s`, and `fold_model` turns the network into the
 lambda architecture. Diluted blocks keep timm's parameter names, so the fold is a plain state-dict load.
+A lambda model can lose more attention layers the same way: its MLP-only blocks stay at lam = 0.
 """
 import math
 from typing import List, Optional, Sequence, Union
@@ -18,7 +19,7 @@ from torch import nn
 
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from .models import LambdaVisionTransformer, LambdaVisionTransformerDistilled, create_lambda_model, validate_layers
+from .models import create_lambda_model, is_lambda_model, validate_layers
 
 __all__ = [
     'TARGETS', 'LAM_SCHEDULES', 'DilutedBlock', 'LamSchedule',
@@ -96,16 +97,26 @@ def dilute_model(
         layers: Union[str, Sequence[int]],
         target: str = 'identity',
 ) -> VisionTransformer:
-    """Replace the blocks in `layers` by `DilutedBlock`s (same modules, same state-dict keys), in place."""
+    """Replace the blocks in `layers` by `DilutedBlock`s (same modules, same state-dict keys), in place.
+
+    A lambda model's MLP-only blocks stay as they are (lam = 0 throughout), also when listed in `layers`:
+    the fold then gives the lambda model with both sets (the authors dilute new layers of such models).
+    """
     if not isinstance(model, VisionTransformer):
         raise TypeError(f'Dilution needs a timm VisionTransformer, got {type(model).__name__}.')
-    if isinstance(model, (LambdaVisionTransformer, LambdaVisionTransformerDistilled)):
-        raise ValueError('The model already is a lambda model: dilute its base model instead.')
     if target not in TARGETS:
         raise ValueError(f'Unknown dilution target {target!r}; choose from {", ".join(TARGETS)}.')
     if diluted_blocks(model):
         raise ValueError('The model is already diluted.')
     layers = validate_layers(layers, len(model.blocks))
+    if is_lambda_model(model):
+        if model.skip_factor != TARGETS[target]:
+            raise ValueError(f'The model\'s MLP-only blocks have skip factor {model.skip_factor:g}, the '
+                             f'{target!r} target gives {TARGETS[target]:g}: dilute with the matching --target.')
+        layers = tuple(i for i in layers if i not in model.mlp_only_layers)
+        if not layers:
+            raise ValueError(f'Blocks {list(model.mlp_only_layers)} are MLP-only already: nothing to dilute.')
+        validate_layers(layers + tuple(model.mlp_only_layers), len(model.blocks))
     for i in layers:
         model.blocks[i] = DilutedBlock(model.blocks[i], skip_factor=TARGETS[target])
     model.diluted_layers = layers
@@ -129,7 +140,8 @@ def get_lam(model: nn.Module) -> Optional[float]:
 
 
 def fold_model(model: VisionTransformer) -> VisionTransformer:
-    """The lambda architecture of a model diluted to lam = 0, carrying its weights (attention dropped)."""
+    """The lambda architecture of a model diluted to lam = 0, carrying its weights (attention dropped);
+    a diluted lambda model gives the lambda model with its MLP-only blocks and the diluted ones."""
     blocks = diluted_blocks(model)
     if not blocks:
         raise ValueError('The model has no diluted blocks to fold.')

@@ -26,7 +26,10 @@ from tqdm import tqdm
 
 from .evaluate import autocast
 
-__all__ = ['RunningMoments', 'RunningMean', 'SublayerTaps', 'batch_images', 'profile_entropy', 'plot_entropy']
+__all__ = [
+    'TE_FEATURES', 'RunningMoments', 'RunningMean', 'SublayerTaps', 'batch_images', 'final_representation',
+    'feature_entropy', 'profile_entropy', 'plot_entropy',
+]
 
 _VAR_FLOOR = 1e-24  # a constant channel counts as sigma = 1e-12, not log(0)
 
@@ -57,16 +60,15 @@ class RunningMoments:
         self.m2 = self.m2 + m2 + delta.square() * (self.count * n / total)
         self.count = total
 
-    @property
-    def var(self) -> torch.Tensor:
-        """Population (ddof=0) variance per channel."""
+    def variance(self, unbiased: bool = False) -> torch.Tensor:
+        """Variance per channel: population (ddof=0), or unbiased (ddof=1)."""
         if self.count < 2:
             raise ValueError(f'Entropy needs at least 2 samples per channel, got {self.count}.')
-        return self.m2 / self.count
+        return self.m2 / (self.count - 1 if unbiased else self.count)
 
-    def entropy(self) -> float:
-        """Gaussian entropy up to a constant: `sum_c log(sigma_c)`, natural log."""
-        return 0.5 * self.var.clamp_min(_VAR_FLOOR).log().sum().item()
+    def entropy(self, unbiased: bool = False, base: float = math.e) -> float:
+        """Gaussian entropy up to a constant: `sum_c log(sigma_c)` (natural log and population std by default)."""
+        return 0.5 * self.variance(unbiased).clamp_min(_VAR_FLOOR).log().sum().item() / math.log(base)
 
 
 class RunningMean:
@@ -163,6 +165,23 @@ class SublayerTaps:
         ) for i in range(len(self.blocks))]
 
 
+TE_FEATURES = ('pre-logits', 'logits')
+
+
+def final_representation(model: nn.Module, x: torch.Tensor, feature: str = 'pre-logits') -> torch.Tensor:
+    """`Y` from the last block's output: the final norm, then the pooled / class token (`pre-logits`),
+    or the classifier's output (`logits`)."""
+    return model.forward_head(model.norm(x), pre_logits=feature == 'pre-logits')
+
+
+def feature_entropy(moments: RunningMoments, feature: str = 'pre-logits') -> float:
+    """`H(Y)` as the authors compute it per feature: natural log and population std on pre-logits,
+    log2 and unbiased std on logits."""
+    if feature == 'logits':
+        return moments.entropy(unbiased=True, base=2)
+    return moments.entropy()
+
+
 def batch_images(batch: Any) -> torch.Tensor:
     """The images of a loader batch: `(images, targets, ...)` or a tensor."""
     return batch[0] if isinstance(batch, (tuple, list)) else batch
@@ -175,6 +194,7 @@ def profile_entropy(
         device: Optional[torch.device] = None,
         amp: bool = False,
         progress: bool = True,
+        feature: str = 'pre-logits',
 ) -> Dict[str, Any]:
     """Streaming entropy of every sublayer of a timm ViT over calibration images.
 
@@ -184,11 +204,14 @@ def profile_entropy(
         device: Where to run (default: the model's device).
         amp: bf16 autocast (statistics stay float64).
         progress: Show a progress bar.
+        feature: The final representation whose entropy is `final` (see `feature_entropy`).
 
     Returns:
-        `num_images`, `num_tokens` (per image), `final` (entropy of the final pooled representation,
-        pre-logits) and `blocks` (see `SublayerTaps.results`).
+        `num_images`, `num_tokens` (per image), `final` (entropy of the final representation `feature`),
+        `final_feature` and `blocks` (see `SublayerTaps.results`).
     """
+    if feature not in TE_FEATURES:
+        raise ValueError(f'Unknown final feature {feature!r}: choose from {", ".join(TE_FEATURES)}.')
     if not isinstance(getattr(model, 'blocks', None), nn.Sequential) or not hasattr(model, 'forward_head'):
         raise TypeError(f'Expected a timm VisionTransformer with `blocks`, got {type(model).__name__}.')
     device = device or next(model.parameters()).device
@@ -201,13 +224,14 @@ def profile_entropy(
             images = batch_images(batch).to(device)
             with autocast(device, amp):
                 features = model.forward_features(images)
-                final.update(model.forward_head(features, pre_logits=True))
+                final.update(model.forward_head(features, pre_logits=feature == 'pre-logits'))
             num_images += images.shape[0]
             num_tokens = features.shape[1]
     model.train(was_training)
     if num_images < 2:
         raise ValueError(f'Entropy profiling needs at least 2 calibration images, got {num_images}.')
-    return dict(num_images=num_images, num_tokens=num_tokens, final=final.entropy(), blocks=taps.results())
+    return dict(num_images=num_images, num_tokens=num_tokens, final=feature_entropy(final, feature),
+                final_feature=feature, blocks=taps.results())
 
 
 def plot_entropy(profile: Dict[str, Any], path: os.PathLike, title: Optional[str] = None) -> Path:

@@ -29,7 +29,8 @@ from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_
 
 __all__ = [
     'LambdaVisionTransformer', 'LambdaVisionTransformerDistilled', 'MlpOnlyBlock',
-    'create_lambda_model', 'checkpoint_filter_fn', 'parse_layers', 'validate_layers',
+    'create_lambda_model', 'checkpoint_filter_fn', 'parse_layers', 'validate_layers', 'is_lambda_model',
+    'base_architecture',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -225,7 +226,8 @@ def create_lambda_model(
 
     Args:
         base: A timm ViT name (`'deit3_small_patch16_224.fb_in1k'`, with a tag for `pretrained`),
-            or a model instance made by `timm.create_model`, whose weights are carried over.
+            or a model instance made by `timm.create_model`, whose weights are carried over; a lambda
+            model instance keeps its MLP-only blocks (the result has both sets).
         mlp_only_layers: Blocks whose attention is removed (`'0,2,4'` or a sequence).
         skip_factor: 2 after identity-target dilution, 1 after zero-target.
         pretrained: Load the base's pretrained weights (name form only).
@@ -244,14 +246,16 @@ def create_lambda_model(
         raise TypeError(f'Expected a timm VisionTransformer, got {type(base).__name__}.')
     if pretrained:
         raise ValueError('`pretrained` applies to a model name; an instance carries its own weights.')
-    if isinstance(base, (LambdaVisionTransformer, LambdaVisionTransformerDistilled)):
-        raise ValueError('The model already is a lambda model; convert its base instead.')
-    arch = getattr(base, 'pretrained_cfg', {}).get('architecture')
-    if not arch:
-        raise ValueError('The model has no pretrained_cfg architecture: create it with timm.create_model.')
+    arch = base_architecture(base)
     # construction args + what changed since (reset_classifier, set_input_size); keeps drop rates
     base_args = {**getattr(base, '_model_args', {}), **get_model_args(base), **kwargs}
-    base_args = {k: v for k, v in base_args.items() if k not in ('pretrained_cfg', 'pretrained_cfg_overlay')}
+    base_args = {k: v for k, v in base_args.items() if k not in (
+        'pretrained_cfg', 'pretrained_cfg_overlay', 'base_arch', 'mlp_only_layers', 'skip_factor')}
+    if is_lambda_model(base):  # its MLP-only blocks stay MLP-only
+        if float(skip_factor) != base.skip_factor:
+            raise ValueError(f'The model\'s MLP-only blocks have skip factor {base.skip_factor:g}; more layers '
+                             f'cannot be removed with skip factor {skip_factor:g} (one factor per model).')
+        layers = sorted(set(layers) | set(base.mlp_only_layers))
     model = timm.create_model(
         'vit_lambda', base_arch=arch, mlp_only_layers=layers, skip_factor=skip_factor, **base_args)
     dtype = next(base.parameters()).dtype
@@ -259,6 +263,30 @@ def create_lambda_model(
     model.load_state_dict(checkpoint_filter_fn(base.state_dict(), model, base_filter_fn=lambda sd, m: sd))
     model.pretrained_cfg = dict(base.pretrained_cfg, architecture='vit_lambda')
     return model.train(base.training)
+
+
+def is_lambda_model(model: nn.Module) -> bool:
+    return isinstance(model, (LambdaVisionTransformer, LambdaVisionTransformerDistilled))
+
+
+def base_architecture(model: VisionTransformer) -> str:
+    """The timm architecture a model is (or, for a lambda model, was made from)."""
+    arch = getattr(model, 'pretrained_cfg', {}).get('architecture')
+    if not arch:
+        raise ValueError('The model has no pretrained_cfg architecture: create it with timm.create_model.')
+    if not is_lambda_model(model):
+        return arch
+    if arch == 'vit_lambda':
+        return model._model_args['base_arch']
+    return _REGISTERED_BASES[arch]
+
+
+# the base architecture of each registered lambda model
+_REGISTERED_BASES = {
+    'deit_base_lambda40': 'deit_base_patch16_224', 'deit_base_lambda50': 'deit_base_patch16_224',
+    'deit_small_lambda25': 'deit_small_patch16_224', 'deit_small_lambda30': 'deit_small_patch16_224',
+    'deit_tiny_lambda25': 'deit_tiny_patch16_224', 'deit_tiny_lambda30': 'deit_tiny_patch16_224',
+}
 
 
 def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:

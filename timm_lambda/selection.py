@@ -1,29 +1,28 @@
 """ Which attention layers to remove: NOSE and the criteria it is compared against.
 
-NOSE (entropy-based selection, DESIGN.md): `Y` is the final representation of the unmodified model
-(final norm, pooled / class token: `forward_head(norm(x), pre_logits=True)`), `Y_S` the same with
-the attention of the layers in S degenerated to identity (the lambda = 0 form, `MlpOnlyBlock`, no
-training), `TE(S) = |H(Y) - H(Y_S)|` with `H` the streaming Gaussian entropy of `entropy.py`, and
-`S_{k+1} = S_k + argmin_{l not in S_k} TE(S_k + {l})` until K layers.
+NOSE (entropy-based selection), scored the way its authors compute it (DESIGN.md, their answers in
+sihaoevery/lambda_vit issues 1 and 3): `Y` is the final representation of the unmodified model on
+calibration images of the training split, `Y_S` the same with the attention sublayers of the layers in
+S skipped and the residual left unscaled (`x = x; x = x + MLP(LN2(x))`, `te_skip_factor = 1`; the
+deployed model keeps the factor 2 of dilution), `TE(S) = H(Y) - H(Y_S)` signed, and greedily
+`S_{k+1} = S_k + argmin_{l not in S_k} TE(S_k + {l})` until K layers. `Y` is either
+- `pre-logits`: the class / pooled token after the final norm, `H` with natural log and population std, or
+- `logits`: the classifier output, `H` with log2 and unbiased std (their two variants).
+`te_signed=False` takes `|TE|` and `te_skip_factor=2` scores with the deployed form (this project's
+earlier rule; on the reference model it picks the deepest layers, like `last`).
 
-Caching and memory. The greedy steps are the outer loop (a step's argmin needs the statistics of
-every calibration image), the calibration batches the inner one. Per step and batch the *trunk*
-(the input of every block, with the layers of S_k degenerated) is computed once and cached; each
-candidate l then runs only its *suffix* (block l degenerated, blocks l+1.. as in S_k) from the
-cached input of block l to `Y`, merged into that candidate's running moments. The cache holds one
-batch's block inputs, so peak memory grows with the batch size, not with the number of calibration
-images: no per-image state outlives its batch, and the trunk is recomputed at every step.
+Caching. The first step runs every calibration batch once through the trunk (the input of every
+block, kept) and each candidate l through its suffix (block l degenerated, blocks l+1.. as they are),
+keeping each candidate's path (its block inputs). The winner's path becomes the next trunk; a
+candidate before the last winner w resumes from its own path at block w, one after it from the trunk.
+These states outlive the steps for every batch, in an `ActivationStore` (device memory within a budget,
+then host memory, then a temporary folder), so that many batches cost what one batch costs: in block
+forwards over the calibration set, L for `H(Y)`, then per step and candidate l, `L - max(l, w)`.
+For K=5 of L=12 that is 15 to 24.3 full passes (whichever layers are chosen), against 51 for the naive
+greedy (`cache=False`: one full pass per candidate, nothing kept).
 
-When the calibration set is a single batch, the cache also outlives the step: every candidate's
-path (its block inputs) is kept, the winner's becomes the next trunk, and a candidate before the
-last winner w resumes from its own path at block w. Memory: up to L(L+1)/2 + L + 1 block
-activations of that batch.
-
-Cost, in block forwards over the calibration set (a full pass is L = depth blocks): L for `H(Y)`,
-then per step and candidate l, `L - l` (single batch after step 0: `L - max(l, w)`), plus, with
-several batches, a trunk of `max(candidates)` blocks per later step. For K=5 of L=12 that is
-15 to 24.3 full passes from a single batch (whichever layers are chosen), 28 to 34.7 from several,
-and 51 for the naive greedy (`cache=False`: one full pass per candidate).
+A lambda model (with MLP-only blocks) keeps them as they are: its candidates are its remaining
+attention layers, and the selection's `mlp_only_layers` is the union of both.
 
 Other criteria (one profiling pass): `entropy` (lowest attention-output entropy first), `cosine`
 (LLM-Drop: highest cosine of the attention sublayer's input and residual output first),
@@ -40,12 +39,13 @@ from tqdm import tqdm
 
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from .entropy import RunningMoments, batch_images, profile_entropy
+from .activations import ActivationStore
+from .entropy import TE_FEATURES, RunningMoments, batch_images, feature_entropy, final_representation, profile_entropy
 from .evaluate import autocast, evaluate_top1
 from .models import MlpOnlyBlock, validate_layers
 
 __all__ = [
-    'CRITERIA', 'attention_layers', 'num_layers_to_remove', 'degenerated', 'nose', 'select_layers',
+    'CRITERIA', 'TE_FEATURES', 'final_representation', 'feature_entropy', 'attention_layers', 'given_selection', 'num_layers_to_remove', 'degenerated', 'nose', 'select_layers',
     'zero_shot_top1', 'evaluate_selection',
 ]
 
@@ -71,28 +71,32 @@ def _check_num_layers(k: int, num_attention: int) -> None:
 
 
 def num_layers_to_remove(model: nn.Module, remove: Optional[int] = None, ratio: Optional[float] = None) -> int:
-    """K from `remove` (a count) or `ratio` (a fraction of the model's blocks, rounded half up)."""
+    """K, the number of attention layers to remove now: `remove`, or what makes `ratio` of the model's
+    blocks MLP-only (rounded half up; a lambda model's MLP-only blocks count towards it)."""
     if (remove is None) == (ratio is None):
         raise ValueError('Give exactly one of `remove` (K) and `ratio` (R).')
+    depth, num_attention = len(model.blocks), len(attention_layers(model))
     if ratio is not None:
         if not 0 < ratio < 1:
             raise ValueError(f'The ratio of attention layers to remove must be in (0, 1), got {ratio}.')
-        remove = math.floor(ratio * len(model.blocks) + 0.5)
-        if remove == 0:
-            raise ValueError(f'Ratio {ratio} of {len(model.blocks)} blocks removes no layer.')
-    _check_num_layers(remove, len(attention_layers(model)))
+        remove = math.floor(ratio * depth + 0.5) - (depth - num_attention)
+        if remove <= 0:
+            raise ValueError(f'Ratio {ratio} of {depth} blocks removes no layer '
+                             f'({depth - num_attention} are MLP-only already).')
+    _check_num_layers(remove, num_attention)
     return remove
 
 
 @contextmanager
 def degenerated(model: VisionTransformer, layers: Sequence[int], skip_factor: float = 2.0) -> Iterator[nn.Module]:
     """Within the context, the attention of `layers` is degenerated to identity (`MlpOnlyBlock`s
-    sharing the model's modules): the lambda = 0 form of `create_lambda_model`, without a copy."""
+    sharing the model's modules): the lambda = 0 form of `create_lambda_model`, without a copy.
+    Layers that are MLP-only blocks already stay as they are."""
     layers = validate_layers(layers, len(model.blocks))
-    no_attention = [i for i in layers if not isinstance(model.blocks[i], Block)]
-    if no_attention:
-        raise ValueError(f'Blocks {no_attention} have no attention to remove.')
-    originals = {i: model.blocks[i] for i in layers}
+    unknown = [i for i in layers if not isinstance(model.blocks[i], (Block, MlpOnlyBlock))]
+    if unknown:
+        raise ValueError(f'Blocks {unknown} are neither attention blocks nor MLP-only blocks.')
+    originals = {i: model.blocks[i] for i in layers if isinstance(model.blocks[i], Block)}
     try:
         for i, block in originals.items():
             model.blocks[i] = MlpOnlyBlock.from_block(block, skip_factor=skip_factor)
@@ -102,13 +106,8 @@ def degenerated(model: VisionTransformer, layers: Sequence[int], skip_factor: fl
             model.blocks[i] = block
 
 
-def _pre_logits(model: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
-    """`Y`: final norm, then the pooled / class token (pre-logits) of the last block's output."""
-    return model.forward_head(model.norm(x), pre_logits=True)
-
-
 class _SuffixRunner:
-    """Runs spans of blocks with some attention layers degenerated; counts image-block forwards."""
+    """Runs spans of blocks with some attention layers skipped; counts image-block forwards."""
 
     def __init__(self, model: VisionTransformer, candidates: Sequence[int], skip_factor: float) -> None:
         self.model = model
@@ -119,21 +118,22 @@ class _SuffixRunner:
         m = self.model
         return m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(images))))
 
-    def run(self, x: torch.Tensor, start: int, stop: int, removed: Iterable[int], keep: bool) -> List[torch.Tensor]:
-        """Outputs of blocks `start..stop-1` from the input `x` of block `start` (only the last unless `keep`)."""
+    def run(self, x: torch.Tensor, start: int, removed: Iterable[int], keep: bool) -> List[torch.Tensor]:
+        """Outputs of blocks `start..L-1` from the input `x` of block `start` (only the last unless `keep`)."""
         removed = set(removed)
         outputs = []
-        for j in range(start, stop):
+        for j in range(start, len(self.model.blocks)):
             x = (self.mlp_only[j] if j in removed else self.model.blocks[j])(x)
             if keep:
                 outputs.append(x)
-        self.image_blocks += x.shape[0] * (stop - start)
+        self.image_blocks += x.shape[0] * (len(self.model.blocks) - start)
         return outputs if keep else [x]
 
 
-def _step_record(moments: Dict[int, RunningMoments], base: float) -> Dict[str, Any]:
-    te = {layer: abs(base - m.entropy()) for layer, m in moments.items()}
-    return dict(candidates={str(layer): v for layer, v in te.items()}, chosen=min(te, key=te.get))
+def _step_record(moments: Dict[int, RunningMoments], h_y: float, feature: str, signed: bool) -> Dict[str, Any]:
+    te = {layer: h_y - feature_entropy(m, feature) for layer, m in moments.items()}
+    score = te if signed else {layer: abs(v) for layer, v in te.items()}
+    return dict(candidates={str(layer): v for layer, v in te.items()}, chosen=min(score, key=score.get))
 
 
 def _cost(image_blocks: int, num_images: int, depth: int) -> Dict[str, Any]:
@@ -141,74 +141,91 @@ def _cost(image_blocks: int, num_images: int, depth: int) -> Dict[str, Any]:
     return dict(block_forwards=block_forwards, full_pass_equivalents=round(block_forwards / depth, 3))
 
 
-def _nose_cached(model, loader, k, candidates, skip_factor, device, amp, progress) -> Dict[str, Any]:
+def _nose_cached(model, loader, k, candidates, rule, device, amp, progress, store) -> Dict[str, Any]:
+    """Greedy NOSE keeping every batch's trunk and candidate paths in `store` across steps.
+
+    Keys: `(batch, 'trunk', j)` the input of block j with the selection so far skipped, `(batch, l, j)` the
+    same with candidate l skipped too (kept for j > l: before that it equals the trunk)."""
     depth = len(model.blocks)
-    runner = _SuffixRunner(model, candidates, skip_factor)
-    single_batch = hasattr(loader, '__len__') and len(loader) == 1
+    runner = _SuffixRunner(model, candidates, rule['te_skip_factor'])
+    feature = rule['te_feature']
     base = RunningMoments()  # H(Y), one sample per image
     removed: List[int] = []
     steps = []
-    trunk: Optional[List[torch.Tensor]] = None  # single batch: block inputs 0..L with `removed` degenerated
-    paths: Dict[int, List[torch.Tensor]] = {}  # single batch: the same with `removed` + candidate degenerated
+    num_batches = 0
     for step in range(k):
         pending = [layer for layer in candidates if layer not in removed]
+        keep = step < k - 1  # the last step's paths are never read
+        last = removed[-1] if removed else None
         moments = {layer: RunningMoments() for layer in pending}
-        for batch in tqdm([None] if trunk is not None else loader, desc=f'nose {step + 1}/{k}',
-                          disable=not progress, leave=False):
+        batches = enumerate(loader) if step == 0 else ((b, None) for b in range(num_batches))
+        total = len(loader) if step == 0 and hasattr(loader, '__len__') else (num_batches or None)
+        for b, batch in tqdm(batches, total=total, desc=f'nose {step + 1}/{k}', disable=not progress, leave=False):
             with autocast(device, amp):
-                if trunk is None:
+                if step == 0:
                     x = runner.embed(batch_images(batch).to(device))
-                    inputs = [x] + runner.run(x, 0, depth if step == 0 else max(pending), removed, keep=True)
-                    if step == 0:
-                        base.update(_pre_logits(model, inputs[-1]))
-                else:
-                    inputs = trunk
+                    trunk = [x] + runner.run(x, 0, removed, keep=True)
+                    base.update(final_representation(model, trunk[-1], feature))
+                    for j, t in enumerate(trunk):
+                        store.put((b, 'trunk', j), t)
+                    del trunk, x
+                    num_batches += 1
                 for layer in pending:
-                    # a candidate's path of the last step is still exact up to the last winner's block
-                    start = max(layer, removed[-1]) if layer in paths else layer
-                    path = paths[layer] if start > layer else inputs
-                    outputs = runner.run(path[start], start, depth, removed + [layer], keep=single_batch)
-                    moments[layer].update(_pre_logits(model, outputs[-1]))
-                    if single_batch:
-                        paths[layer] = path[:start + 1] + outputs
+                    # a candidate's own path of the last step is exact up to the last winner's block
+                    start = last if last is not None and layer < last else layer
+                    x = store.get((b, layer, start) if start > layer else (b, 'trunk', start))
+                    outputs = runner.run(x, start, removed + [layer], keep=keep)
+                    moments[layer].update(final_representation(model, outputs[-1], feature))
+                    if keep:
+                        for j, t in enumerate(outputs, start + 1):
+                            store.put((b, layer, j), t)
+                    del outputs, x
         if base.count == 0:
             raise ValueError('The calibration data is empty.')
-        record = _step_record(moments, base.entropy())
+        record = _step_record(moments, feature_entropy(base, feature), feature, rule['te_signed'])
         steps.append(record)
-        removed.append(record['chosen'])
-        if single_batch:
-            trunk = paths.pop(record['chosen'])
+        winner = record['chosen']
+        removed.append(winner)
+        if keep:  # the winner's path becomes the trunk
+            for b in range(num_batches):
+                for j in range(winner + 1, depth + 1):
+                    store.rename((b, winner, j), (b, 'trunk', j))
     return dict(
-        mlp_only_layers=sorted(removed), steps=steps, cost=_cost(runner.image_blocks, base.count, depth))
+        h_y=feature_entropy(base, feature), mlp_only_layers=removed, steps=steps,
+        cost=_cost(runner.image_blocks, base.count, depth))
 
 
-def _nose_naive(model, loader, k, candidates, skip_factor, device, amp, progress) -> Dict[str, Any]:
+def _nose_naive(model, loader, k, candidates, rule, device, amp, progress) -> Dict[str, Any]:
     depth = len(model.blocks)
+    feature = rule['te_feature']
     image_blocks = 0
 
     def moments_of(layers: Sequence[int]) -> RunningMoments:
         nonlocal image_blocks
         moments = RunningMoments()
-        with degenerated(model, layers, skip_factor):
+        with degenerated(model, layers, rule['te_skip_factor']):
             for batch in loader:
                 images = batch_images(batch).to(device)
-                with autocast(device, amp):
-                    moments.update(model.forward_head(model.forward_features(images), pre_logits=True))
+                with autocast(device, amp):  # forward_features ends with the final norm
+                    features = model.forward_features(images)
+                    moments.update(model.forward_head(features, pre_logits=feature == 'pre-logits'))
                 image_blocks += images.shape[0] * depth
         return moments
 
     base = moments_of(())  # H(Y), one sample per image
     if base.count == 0:
         raise ValueError('The calibration data is empty.')
+    h_y = feature_entropy(base, feature)
     removed: List[int] = []
     steps = []
     for step in range(k):
         pending = [layer for layer in candidates if layer not in removed]
         pending_bar = tqdm(pending, desc=f'nose (naive) {step + 1}/{k}', disable=not progress, leave=False)
-        record = _step_record({layer: moments_of(removed + [layer]) for layer in pending_bar}, base.entropy())
+        record = _step_record({layer: moments_of(removed + [layer]) for layer in pending_bar}, h_y, feature,
+                              rule['te_signed'])
         steps.append(record)
         removed.append(record['chosen'])
-    return dict(mlp_only_layers=sorted(removed), steps=steps, cost=_cost(image_blocks, base.count, depth))
+    return dict(h_y=h_y, mlp_only_layers=removed, steps=steps, cost=_cost(image_blocks, base.count, depth))
 
 
 @torch.no_grad()
@@ -216,40 +233,66 @@ def nose(
         model: VisionTransformer,
         loader: Iterable,
         k: int,
-        skip_factor: float = 2.0,
+        te_skip_factor: float = 1.0,
+        te_feature: str = 'pre-logits',
+        te_signed: bool = True,
         device: Optional[torch.device] = None,
         amp: bool = False,
         progress: bool = True,
         cache: bool = True,
+        cache_budget: Optional[float] = None,
+        host_budget: Optional[float] = None,
+        tmp_dir: Optional[str] = None,
 ) -> Dict[str, Any]:
     """Greedy transfer-entropy selection of `k` attention layers to remove.
 
     Args:
         model: A timm VisionTransformer (a lambda model: among its remaining attention layers).
-        loader: Calibration batches of `(images, targets)` (or images), iterated once per step.
+        loader: Calibration batches of `(images, targets)` (or images) from the training split, read once.
         k: Number of attention layers to remove.
-        skip_factor: Residual scale of a degenerated block (2: the lambda = 0 form).
+        te_skip_factor: Residual scale of a skipped attention sublayer while scoring (1: the authors'
+            `x = x`; 2: the deployed lambda = 0 form).
+        te_feature: `Y`, `'pre-logits'` or `'logits'` (see `feature_entropy`).
+        te_signed: Take the argmin of the signed `TE = H(Y) - H(Y_S)` (the authors), else of `|TE|`.
         device: Where to run (default: the model's device).
         amp: bf16 autocast (entropy statistics stay float64).
         progress: Show progress bars.
-        cache: Cache block inputs and recompute suffixes (False: one full pass per candidate).
+        cache: Keep block inputs across steps and recompute suffixes (False: one full pass per candidate).
+        cache_budget, host_budget: GB of device / host memory for the kept block inputs, the rest in a
+            temporary folder in `tmp_dir` (default: a quarter of free GPU memory / half of the available
+            host memory, see `ActivationStore`).
 
     Returns:
-        `mlp_only_layers` (sorted), `steps` (per step `candidates` {layer: TE} and `chosen`) and
-        `cost` (`block_forwards`, `full_pass_equivalents`).
+        The rule (`te_skip_factor`, `te_feature`, `te_signed`), `h_y` (`H(Y)`), `mlp_only_layers` (sorted,
+        with the model's MLP-only blocks), `steps` (per step the signed `candidates` {layer: TE} and
+        `chosen`), `cost` (`block_forwards`, `full_pass_equivalents`, with `cache` the peak bytes kept
+        per tier).
     """
     if not isinstance(model, VisionTransformer):
         raise TypeError(f'NOSE needs a timm VisionTransformer, got {type(model).__name__}.')
+    if te_feature not in TE_FEATURES:
+        raise ValueError(f'Unknown TE feature {te_feature!r}: choose from {", ".join(TE_FEATURES)}.')
     candidates = attention_layers(model)
     _check_num_layers(k, len(candidates))
     device = device or next(model.parameters()).device
+    rule = dict(te_skip_factor=float(te_skip_factor), te_feature=te_feature, te_signed=bool(te_signed))
     was_training = model.training
     model.eval()
     try:
-        run = _nose_cached if cache else _nose_naive
-        return run(model, loader, k, candidates, skip_factor, device, amp, progress)
+        if cache:
+            gb = 1024 ** 3
+            with ActivationStore(
+                    device, None if cache_budget is None else int(cache_budget * gb),
+                    None if host_budget is None else int(host_budget * gb), tmp_dir) as store:
+                found = _nose_cached(model, loader, k, candidates, rule, device, amp, progress, store)
+                found['cost']['cache_peak_bytes'] = dict(store.peak)
+        else:
+            found = _nose_naive(model, loader, k, candidates, rule, device, amp, progress)
     finally:
         model.train(was_training)
+    already = [i for i in range(len(model.blocks)) if i not in candidates]
+    return dict(rule, h_y=found['h_y'], mlp_only_layers=sorted(already + found['mlp_only_layers']),
+                steps=found['steps'], cost=found['cost'])
 
 
 def _rank(profile: Dict[str, Any], criterion: str, candidates: Sequence[int], k: int) -> List[int]:
@@ -268,45 +311,61 @@ def select_layers(
         k: int,
         criterion: str = 'nose',
         seed: int = 42,
-        skip_factor: float = 2.0,
         device: Optional[torch.device] = None,
         amp: bool = False,
         progress: bool = True,
-        cache: bool = True,
+        **nose_kwargs: Any,
 ) -> Dict[str, Any]:
     """Choose `k` attention layers to remove by `criterion` (one of `CRITERIA`, or `'all'`).
 
-    Returns the content of `selection.json`: `criterion`, `mlp_only_layers` (sorted; NOSE's for
-    `'all'`), with NOSE `steps` and `cost` (see `nose`), with `'all'` a `comparison` list of
-    `{criterion, mlp_only_layers}` over every criterion.
+    `nose_kwargs` go to `nose` (the TE rule: `te_skip_factor`, `te_feature`, `te_signed`; `cache`,
+    `cache_budget`, `tmp_dir`). Returns the content of `selection.json`: `criterion`,
+    `mlp_only_layers` (sorted, with the model's MLP-only blocks, listed in `already_mlp_only`; NOSE's for
+    `'all'`), with NOSE its rule, `h_y`, `steps` and `cost` (see `nose`), with `'all'` a `comparison`
+    list of `{criterion, mlp_only_layers}` over every criterion.
     """
     if criterion not in CRITERIA + ('all',):
         raise ValueError(f'Unknown criterion {criterion!r}: choose from {", ".join(CRITERIA + ("all",))}.')
     candidates = attention_layers(model)
     _check_num_layers(k, len(candidates))
+    already = [i for i in range(len(model.blocks)) if i not in candidates]
     criteria = CRITERIA if criterion == 'all' else (criterion,)
     profile = None
     if any(c in _PROFILE_CRITERIA for c in criteria):
         profile = profile_entropy(model, loader, device=device, amp=amp, progress=progress)
-    result: Dict[str, Any] = dict(criterion=criterion)
+    result: Dict[str, Any] = dict(criterion=criterion, already_mlp_only=already)
     comparison = []
     for c in criteria:
         if c == 'nose':
-            found = nose(model, loader, k, skip_factor, device=device, amp=amp, progress=progress, cache=cache)
-            layers = found['mlp_only_layers']
-            result.update(mlp_only_layers=layers, steps=found['steps'], cost=found['cost'])
-        elif c in _PROFILE_CRITERIA:
-            layers = _rank(profile, c, candidates, k)
-        elif c == 'random':
-            order = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(seed))
-            layers = sorted(candidates[i] for i in order[:k].tolist())
+            found = nose(model, loader, k, device=device, amp=amp, progress=progress, **nose_kwargs)
+            layers = found.pop('mlp_only_layers')
+            result.update(mlp_only_layers=layers, **found)
         else:
-            layers = list(candidates[:k] if c == 'first' else candidates[-k:])
+            if c in _PROFILE_CRITERIA:
+                chosen = _rank(profile, c, candidates, k)
+            elif c == 'random':
+                order = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(seed))
+                chosen = [candidates[i] for i in order[:k].tolist()]
+            else:
+                chosen = list(candidates[:k] if c == 'first' else candidates[-k:])
+            layers = sorted(already + list(chosen))
         comparison.append(dict(criterion=c, mlp_only_layers=list(layers)))
     result.setdefault('mlp_only_layers', comparison[0]['mlp_only_layers'])
     if criterion == 'all':
         result['comparison'] = comparison
     return result
+
+
+def given_selection(model: VisionTransformer, layers: Sequence[int]) -> Dict[str, Any]:
+    """The selection record of layers a user gave (criterion `given`), with the model's MLP-only blocks."""
+    candidates = attention_layers(model)
+    layers = validate_layers(layers, len(model.blocks))
+    if not layers:
+        raise ValueError('No layers given: name at least one attention layer to remove.')
+    already = [i for i in range(len(model.blocks)) if i not in candidates]
+    if not set(layers) - set(already):
+        raise ValueError(f'Blocks {list(layers)} are MLP-only already: nothing to remove.')
+    return dict(criterion='given', already_mlp_only=already, mlp_only_layers=sorted(set(already) | set(layers)))
 
 
 def zero_shot_top1(

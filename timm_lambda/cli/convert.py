@@ -22,7 +22,9 @@ from ..entropy import profile_entropy
 from ..evaluate import evaluate_top1
 from ..hub import export_model
 from ..reference import REFERENCE_MODEL
-from ..selection import num_layers_to_remove, select_layers, zero_shot_top1
+from ..dilution import TARGETS
+from ..models import base_architecture, parse_layers
+from ..selection import given_selection, num_layers_to_remove, select_layers, zero_shot_top1
 from ..train import train
 from ..atomic import write_json
 from .common import (
@@ -32,7 +34,7 @@ from .common import (
 from .dilute import add_dilution_args
 from .finetune import add_train_args, train_config_from_args
 from .profile import save_profile
-from .select import add_selection_args, save_selection
+from .select import add_selection_args, nose_kwargs_from_args, save_selection
 
 __all__ = ['add_parser']
 
@@ -65,14 +67,22 @@ def run(args: argparse.Namespace) -> int:
         num_samples=args.val_samples, seed=args.seed)
     files: Dict[str, str] = {}
 
+    skip_factor = TARGETS[args.target]  # the deployed form: what the dilution produces
     _log(f'profile: entropy of every sublayer over {args.num_images} calibration images')
     calib_loader = calibration_loader_from_args(args, model)
-    profile = profile_entropy(model, calib_loader, device=device, amp=args.amp, progress=_is_main())
-    k = num_layers_to_remove(model, remove=args.remove, ratio=None if args.remove is not None else args.ratio)
-    _log(f'select: {k} attention layers by {args.criterion}')
-    selection = select_layers(
-        model, calib_loader, k, args.criterion, seed=args.seed, skip_factor=args.skip_factor,
-        device=device, amp=args.amp, progress=_is_main())
+    profile = profile_entropy(model, calib_loader, device=device, amp=args.amp, progress=_is_main(),
+                              feature=args.te_feature)
+    if args.layers is not None and args.remove is not None:
+        raise ValueError('--layers names the layers to remove: drop --remove.')
+    if args.layers is not None:
+        _log(f'select: the given layers {",".join(map(str, args.layers))}')
+        selection = given_selection(model, args.layers)
+    else:
+        k = num_layers_to_remove(model, remove=args.remove, ratio=None if args.remove is not None else args.ratio)
+        _log(f'select: {k} attention layers by {args.criterion}')
+        selection = select_layers(
+            model, calib_loader, k, args.criterion, seed=args.seed, device=device, amp=args.amp,
+            progress=_is_main(), **nose_kwargs_from_args(args))
     layers = tuple(selection['mlp_only_layers'])
     if _is_main():
         paths = save_profile(dict(model=args.model, dataset=args.dataset, split=args.train_split, **profile),
@@ -81,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
 
     _log('evaluate the original model and the selection zero-shot')
     top1_before = evaluate_top1(model, val_loader, device, amp=args.amp, progress=_is_main(), desc='original')
-    top1_zero_shot = zero_shot_top1(model, val_loader, layers, skip_factor=args.skip_factor, device=device,
+    top1_zero_shot = zero_shot_top1(model, val_loader, layers, skip_factor=skip_factor, device=device,
                                     amp=args.amp, progress=_is_main())
 
     _log(f'dilute: remove the attention of blocks {",".join(map(str, layers))} while training')
@@ -103,7 +113,9 @@ def run(args: argparse.Namespace) -> int:
     files.update({f'bench_{k}': v for k, v in write_results(bench, out / 'bench').items()})
 
     summary: Dict[str, Any] = dict(
-        model=args.model, dataset=args.dataset, criterion=args.criterion, mlp_only_layers=list(layers),
+        model=args.model, dataset=args.dataset, criterion=selection['criterion'], mlp_only_layers=list(layers),
+        already_mlp_only=selection['already_mlp_only'], skip_factor=skip_factor,
+        **{k: selection[k] for k in ('te_skip_factor', 'te_feature', 'te_signed') if k in selection},
         top1_before=round(top1_before, 2), top1_zero_shot=round(top1_zero_shot, 2), top1_after=round(top1_after, 2),
         params_before=count_params(model), params_after=count_params(converted),
         speedup=round(bench['ratios']['converted']['throughput'], 4), bench_batch_size=args.bench_batch_size,
@@ -118,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
         'entropy': files['entropy'], 'entropy_plot': files['entropy_plot'], 'selection': files['selection'],
         'metrics': files['metrics'], 'bench': files['bench_json'], 'summary': summary_path}
     cfg = model.pretrained_cfg
-    name = f'{cfg["architecture"]}_lambda{round(100 * len(layers) / len(model.blocks))}'
+    name = f'{base_architecture(model)}_lambda{round(100 * len(layers) / len(model.blocks))}'
     export_dir = export_model(
         converted, out / 'export', run_files, datasets=[args.dataset] if args.dataset else [],
         weights=f'converted from `{args.model}` by `timm-lambda convert`',
@@ -127,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     summary.update(time_s=round(time.time() - start, 1), files=files)
     write_json(summary_path, summary)
 
-    print(f'\nremoved the attention of blocks {",".join(map(str, layers))} ({args.criterion})')
+    print(f'\nremoved the attention of blocks {",".join(map(str, layers))} ({selection["criterion"]})')
     print(f'top-1  before {top1_before:.2f}   zero-shot {top1_zero_shot:.2f}   after dilution {top1_after:.2f}')
     print(f'params {summary["params_before"]:,} -> {summary["params_after"]:,}   '
           f'speedup x{summary["speedup"]:.3f} (throughput, batch {args.bench_batch_size}, {device.type})')
@@ -144,7 +156,9 @@ def add_parser(subparsers) -> None:
     add_model_args(parser, default_model=REFERENCE_MODEL)
     add_data_args(parser, default_dataset=FASHION_MNIST)
     add_calibration_args(parser)
-    add_selection_args(parser, required=False)
+    g = add_selection_args(parser, required=False)
+    g.add_argument('--layers', type=parse_layers, default=None,
+                   help='remove the attention of these blocks (e.g. 0,2,4) and skip the selection')
     add_dilution_args(parser)
     add_train_args(parser, kd_default=True)
     g = parser.add_argument_group('benchmark')

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any, Dict
 
-from ..entropy import plot_entropy, profile_entropy
+from ..entropy import TE_FEATURES, plot_entropy, profile_entropy
 from ..atomic import write_json
 from .common import (
     add_calibration_args, add_data_args, add_model_args, add_output_arg, calibration_loader_from_args,
@@ -25,14 +25,15 @@ def print_profile(profile: Dict[str, Any]) -> None:
     for b in profile['blocks']:
         print(f'{b["block"]:>5}  {_fmt(b["attention"]):>10}  {_fmt(b["mlp"]):>10}  {_fmt(b["output"]):>10}  '
               f'{_fmt(b["attention_cosine"], ".4f"):>8}  {_fmt(b["block_influence"], ".4f"):>10}')
-    print(f'final representation entropy: {profile["final"]:.2f}  '
-          f'({profile["num_images"]} images x {profile["num_tokens"]} tokens, sum of log std, natural log)')
+    log = 'log2, unbiased std' if profile['final_feature'] == 'logits' else 'natural log, population std'
+    print(f'final representation ({profile["final_feature"]}) entropy: {profile["final"]:.2f}  '
+          f'({profile["num_images"]} images x {profile["num_tokens"]} tokens; sum of log std, {log})')
 
 
 def run(args: argparse.Namespace) -> int:
     model = model_from_args(args)
     loader = calibration_loader_from_args(args, model)
-    profile = profile_entropy(model, loader, device=resolve_device(args.device), amp=args.amp)
+    profile = profile_entropy(model, loader, device=resolve_device(args.device), amp=args.amp, feature=args.te_feature)
     save_profile(dict(model=args.model, dataset=args.dataset, split=args.train_split, **profile), args.output)
     return 0
 
@@ -55,5 +56,8 @@ def add_parser(subparsers) -> None:
     add_model_args(parser)
     add_data_args(parser)
     add_calibration_args(parser)
+    parser.add_argument('--te-feature', default='pre-logits', choices=TE_FEATURES,
+                        help='the final representation whose entropy is reported, as NOSE scores it: pre-logits '
+                             '(natural log, population std) or logits (log2, unbiased std) (default: %(default)s)')
     add_output_arg(parser)
     parser.set_defaults(func=run)
