@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
-"""NOSE cost and wall time against one full pass over the same calibration batches, in one run.
+"""NOSE cost and wall time from the same calibration images in one batch and in several, side by side.
 
-    python benchmarks/nose_cost.py                                  # 12-block ViT on 28x28, K=5
-    python benchmarks/nose_cost.py --num-images 256 -b 64           # several batches: per-batch cache
-    python benchmarks/nose_cost.py --model deit_small_patch16_224 --model-kwargs --device cuda --naive
+    python benchmarks/nose_cost.py                                   # 12-block ViT on 28x28, K=5, 1 vs 8 batches
+    python benchmarks/nose_cost.py --cache-budget 0                  # every batch's state spilled to disk
+    python benchmarks/nose_cost.py --model deit_base_patch16_224 --model-kwargs --num-images 1024 --device cuda
 
-Images are random (cost and time do not depend on the data) and held in memory, so data loading is
-not timed. `--naive` also times the naive greedy (one full pass per candidate).
+Images are random (cost and time do not depend on the data) and held in memory, so data loading is not
+timed. Each row is timed against one full pass over the same images (measured just before it), and the
+naive greedy (one full pass per candidate) is given as the reference cost. Prints JSON with --json.
 """
 import argparse
+import json
 import time
 
 import torch
@@ -43,38 +45,49 @@ def main() -> None:
     parser.add_argument('--model-kwargs', nargs='*', action=ParseKwargs, metavar='K=V',
                         default=dict(img_size=28, patch_size=4, in_chans=1, num_classes=10))
     parser.add_argument('--remove', type=int, default=5, metavar='K')
-    parser.add_argument('--num-images', type=int, default=128)
-    parser.add_argument('-b', '--batch-size', type=int, default=128)
+    parser.add_argument('--num-images', type=int, default=256)
+    parser.add_argument('--batches', type=int, nargs='+', default=[1, 8], help='batch counts to compare')
+    parser.add_argument('--cache-budget', type=float, default=None, metavar='GB', help='see `select --help`')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--seed', type=int, default=42)
-    parser.add_argument('--naive', action='store_true', help='also time the naive greedy')
+    parser.add_argument('--json', action='store_true', help='print the rows as JSON')
     args = parser.parse_args()
 
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     model = timm.create_model(args.model, **args.model_kwargs).to(device).eval()
     depth = len(model.blocks)
-    images = torch.randn(args.num_images, model.patch_embed.proj.in_channels, *model.patch_embed.img_size)
-    batches = [b.to(device) for b in images.split(args.batch_size)]
-
-    full_pass(model, batches[:1])  # warm-up
-    _, t_full = timed(lambda: full_pass(model, batches), device)
-    result, t_nose = timed(lambda: nose(model, batches, args.remove, progress=False), device)
-    cost = result['cost']
+    images = torch.randn(args.num_images, model.patch_embed.proj.in_channels, *model.patch_embed.img_size,
+                         generator=torch.Generator().manual_seed(args.seed)).to(device)
     naive_passes = 1 + sum(depth - k for k in range(args.remove))
-
-    print(f'{args.model}: {depth} blocks, {args.num_images} images in {len(batches)} batch(es) of '
-          f'<= {args.batch_size}, K={args.remove}, {device}')
-    print(f'selected:            {result["mlp_only_layers"]}')
-    print(f'one full pass:       {t_full * 1000:.1f} ms')
-    print(f'NOSE (cached):       {cost["block_forwards"]} block forwards = {cost["full_pass_equivalents"]} '
-          f'full passes; {t_nose * 1000:.1f} ms = {t_nose / t_full:.1f} x one full pass')
-    print(f'naive greedy:        {naive_passes * depth} block forwards = {naive_passes} full passes')
-    if args.naive:
-        naive, t_naive = timed(lambda: nose(model, batches, args.remove, progress=False, cache=False), device)
-        assert naive['mlp_only_layers'] == result['mlp_only_layers']
-        print(f'naive greedy (run):  {t_naive * 1000:.1f} ms = {t_naive / t_full:.1f} x one full pass, '
-              f'same layers')
+    full_pass(model, images.split(max(1, args.num_images // max(args.batches)))[:1])  # warm-up
+    rows = []
+    for n in args.batches:
+        batches = list(images.tensor_split(n))
+        _, t_full = timed(lambda: full_pass(model, batches), device)
+        if device.type == 'cuda':
+            torch.cuda.reset_peak_memory_stats(device)
+        result, t_nose = timed(lambda: nose(model, batches, args.remove, progress=False,
+                                            cache_budget=args.cache_budget), device)
+        rows.append(dict(
+            batches=n, batch_size=len(batches[0]), mlp_only_layers=result['mlp_only_layers'],
+            full_pass_equivalents=result['cost']['full_pass_equivalents'], time_s=round(t_nose, 4),
+            time_full_passes=round(t_nose / t_full, 2), cache_peak_bytes=result['cost']['cache_peak_bytes'],
+            peak_device_bytes=torch.cuda.max_memory_allocated(device) if device.type == 'cuda' else None))
+    if args.json:
+        print(json.dumps(dict(model=args.model, depth=depth, num_images=args.num_images, k=args.remove,
+                              device=str(device), naive_full_passes=naive_passes, rows=rows), indent=2))
+        return
+    print(f'{args.model}: {depth} blocks, {args.num_images} images, K={args.remove}, {device}; '
+          f'naive greedy: {naive_passes} full passes')
+    print(f'{"batches":>7} {"batch":>5}  {"layers":<18} {"cost (full passes)":>18} {"time":>9} '
+          f'{"time / full pass":>16}  {"kept: device / host / disk MB":>30}')
+    for r in rows:
+        kept = ' / '.join(f'{r["cache_peak_bytes"][t] / 2 ** 20:.1f}' for t in ('device', 'host', 'disk'))
+        print(f'{r["batches"]:>7} {r["batch_size"]:>5}  {",".join(map(str, r["mlp_only_layers"])):<18} '
+              f'{r["full_pass_equivalents"]:>18} {r["time_s"]:>8.3f}s {r["time_full_passes"]:>16}  {kept:>30}')
+    if len({tuple(r['mlp_only_layers']) for r in rows}) > 1:
+        raise SystemExit('the batch counts chose different layers')
 
 
 if __name__ == '__main__':

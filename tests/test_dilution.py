@@ -101,7 +101,36 @@ def test_dilute_bad_input(tiny_vit):
         fold_model(diluted)
     with pytest.raises(ValueError, match='no diluted blocks'):
         fold_model(tiny_vit)
-    lambda_model = timm.create_model('vit_lambda', base_arch=TINY_VIT, mlp_only_layers=[0], **TINY_VIT_KWARGS)
-    with pytest.raises(ValueError, match='already is a lambda model'):
-        dilute_model(lambda_model, [1])
+    lambda_model = timm.create_model('vit_lambda', base_arch=TINY_VIT, mlp_only_layers=[0, 1, 2], **TINY_VIT_KWARGS)
+    with pytest.raises(ValueError, match='keep at least one'):  # 3 removed + 3 more leaves no attention
+        dilute_model(lambda_model, [3, 4, 5])
     assert diluted_blocks(tiny_vit) == []
+
+
+@torch.no_grad()
+def test_incremental_removal_folds_to_the_union_float64():
+    """A deit_tiny_lambda25-shaped model (0,2,4 MLP-only; smaller for speed) diluted on block 6 folds to 0,2,4,6."""
+    model = timm.create_model('deit_tiny_lambda25', depth=8, embed_dim=48, num_heads=3, img_size=32, patch_size=8,
+                              num_classes=10).double().eval()
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    with pytest.raises(ValueError, match='skip factor 2'):
+        dilute_model(copy.deepcopy(model), [6], target='zero')
+    with pytest.raises(ValueError, match='nothing to dilute'):
+        dilute_model(copy.deepcopy(model), [0, 2])
+    diluted = dilute_model(model, [0, 6])  # block 0 is MLP-only already: it stays so (lam = 0 throughout)
+    assert diluted.diluted_layers == (6,) and isinstance(diluted.blocks[0], MlpOnlyBlock)
+    set_lam(diluted, 0.)
+    folded = fold_model(diluted).eval()
+    assert folded.mlp_only_layers == (0, 2, 4, 6)
+    assert folded.pretrained_cfg['architecture'] == 'vit_lambda' and folded._model_args['base_arch'] == \
+        'deit_tiny_patch16_224'
+
+    def reference(m, images):  # written out: x = 2x where the attention is gone, else x + attn; then the MLP
+        h = m.norm_pre(m._pos_embed(m.patch_embed(images)))
+        for j, blk in enumerate(m.blocks):
+            h = 2 * h if j in (0, 2, 4, 6) else h + blk.ls1(blk.attn(blk.norm1(h)))
+            h = h + blk.ls2(blk.mlp(blk.norm2(h)))
+        return m.head(m.norm(h)[:, 0])
+
+    torch.testing.assert_close(folded(x), reference(diluted, x), rtol=0, atol=1e-12)
+    torch.testing.assert_close(folded(x), diluted(x), rtol=0, atol=0)

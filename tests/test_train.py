@@ -216,3 +216,23 @@ def test_finetune_bad_input(tmp_path, capsys, extra, message):
     args = ['finetune', *MODEL_ARGS, '--dataset', 'fashion-mnist', '--output', str(tmp_path), *extra]
     assert main(args) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_lambda_export_loses_more_attention(tmp_path):
+    """select + dilute on a local-dir: lambda model: candidates are its attention layers, the fold has both sets."""
+    base = tmp_path / 'base'
+    save_model_dir(timm.create_model('vit_lambda', base_arch=TINY_VIT, mlp_only_layers=[0, 3], **TINY_VIT_KWARGS), base)
+    source = ['--model', f'local-dir:{base}', '--dataset', 'fashion-mnist', '-j', '0', '-b', '16']
+    assert main(['select', *source, '--remove', '1', '--num-images', '32', '--output', str(tmp_path / 'sel')]) == 0
+    selection = json.loads((tmp_path / 'sel' / 'selection.json').read_text())
+    assert selection['already_mlp_only'] == [0, 3] and set(selection['steps'][0]['candidates']) == {'1', '2', '4', '5'}
+    added = selection['steps'][0]['chosen']
+    assert selection['mlp_only_layers'] == sorted([0, 3, added])
+    out = tmp_path / 'dil'
+    assert main(['dilute', *source, '--selection', str(tmp_path / 'sel' / 'selection.json'), *QUICK[2:],
+                 '--train-samples', '32', '--val-samples', '16', '--epochs', '1', '--output', str(out)]) == 0
+    config = json.loads((out / 'config.json').read_text())
+    assert config['architecture'] == 'vit_lambda' and config['model_args']['mlp_only_layers'] == sorted([0, 3, added])
+    model = timm.create_model(f'local-dir:{out}', pretrained=True)
+    assert [i for i, b in enumerate(model.blocks) if isinstance(b, MlpOnlyBlock)] == sorted([0, 3, added])
