@@ -154,7 +154,7 @@ class TrainConfig:
             (not self.layers or self.lam_on_updates or self.dilution_frac * self.epochs <= self.num_epochs - 1,
              f'With lam per epoch (--no-lam-on-updates), lam must reach 0 by the last epoch for the fold: '
              f'--dilution-frac x --epochs = {self.dilution_frac * self.epochs:g} must not exceed '
-             f'{self.num_epochs - 1}.'),
+             f'{self.num_epochs - 1}: train more epochs or lower --dilution-frac.'),
             (0. <= self.kd_weight <= 1., f'--kd-weight must be in [0, 1], got {self.kd_weight}.'),
             (self.kd_temperature > 0., f'--kd-temperature must be positive, got {self.kd_temperature}.'),
             (self.lr is None or self.lr > 0., f'--lr must be positive, got {self.lr}.'),
