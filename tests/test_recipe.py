@@ -75,7 +75,8 @@ def test_recipe_sets_defaults_and_explicit_flags_win(command):
     # flags before or after --recipe, equal to the project's default or not, booleans switched off
     explicit = ['--epochs', '10', '--aug-repeats', '0', '--model-ema-decay', '0.9998', '--no-amp', '--kd',
                 '--no-model-ema', '--drop-path-rule', 'linear', '--lr', '1e-3']
-    for args in ([*command, '--recipe', 'paper', *explicit], [command[0], *explicit, *command[1:], '--recipe', 'paper']):
+    for args in ([*command, '--recipe', 'paper', *explicit],
+                 [command[0], *explicit, *command[1:], '--recipe', 'paper']):
         ns = vars(parser.parse_args(args))
         assert (ns['epochs'], ns['aug_repeats'], ns['model_ema_decay'], ns['amp'], ns['kd'], ns['model_ema'],
                 ns['drop_path_rule'], ns['lr']) == (10, 0, 0.9998, False, True, False, 'linear', 1e-3)

@@ -8,7 +8,8 @@ temperature).
 
 Nothing is lost: `last.pth` is written atomically every epoch and every `checkpoint_every` steps, and a
 resumed run continues exactly (weights, optimizer, scheduler, loss scaler, EMA, lam, every rank's RNG
-states, the data order and the position within the epoch). A non-finite loss stops the run before anything is written.
+states, the data order and the position within the epoch). A non-finite loss stops the run before anything
+is written.
 
 `train(model, train_dataset, val_dataset, config)` is the Python entry point; the CLI wraps it.
 """
@@ -339,19 +340,21 @@ class Trainer:
     def current_lam(self) -> Optional[float]:
         return self._diluted[0].lam if self._diluted else None
 
+    def _set_lam(self, lam: float) -> None:
+        for block in self._diluted:
+            block.lam = lam
+
     def start_epoch(self) -> None:
         """Set what is constant within the current epoch: the lr (per-epoch schedule) and lam (per epoch)."""
         self.scheduler.step(self.epoch)  # a no-op for a per-update schedule
         if self.lam is not None and self.lam.t_in_epochs:
-            set_lam(self.model, self.lam(self.epoch))
+            self._set_lam(self.lam(self.epoch))
 
     def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """One optimizer step; returns the (detached) loss without synchronizing."""
         cfg = self.config
         if self.lam is not None and not self.lam.t_in_epochs:
-            lam = self.lam(self.global_step + 1)
-            for block in self._diluted:
-                block.lam = lam
+            self._set_lam(self.lam(self.global_step + 1))
         self.scheduler.step_update(self.global_step)  # a no-op for a per-epoch schedule
         if self.mixup is not None:
             images, targets = self.mixup(images, targets)
@@ -501,7 +504,7 @@ class Trainer:
         self.epoch_time = state['epoch_time']
         self._loss_stats.copy_(state['loss_stats'] if self.rank == 0 else torch.zeros(2))
         if self.lam is not None:  # the lam of the last step trained
-            set_lam(self.model, state['lam'])
+            self._set_lam(state['lam'])
         _set_rng_state(state['rng'][self.rank], self.device)
 
 

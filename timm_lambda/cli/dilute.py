@@ -34,8 +34,9 @@ def add_parser(subparsers) -> None:
         'dilute', help='dilution learning: remove attention layers while training (with distillation)',
         description='Train the model while the attention of the selected blocks fades out, '
                     'x = (2 - lam) * x + lam * Attn(LN1(x)) with lam 1 -> 0, distilling from the original '
-                    'model (--recipe paper: the authors\' recipe, without); then fold it into the lambda architecture (OUTPUT/model.safetensors + '
-                    'config.json, loadable with timm.create_model("local-dir:OUTPUT")).')
+                    'model (--recipe paper: the authors\' recipe, without distillation); then fold it into the '
+                    'lambda architecture (OUTPUT/model.safetensors + config.json, loadable with '
+                    'timm.create_model("local-dir:OUTPUT")).')
     add_model_args(parser)
     add_layers_args(parser)
     add_data_args(parser)
