@@ -109,7 +109,7 @@ def add_recipe_arg(parser: argparse.ArgumentParser) -> None:
         help='defaults of the training flags: default (this project\'s, short, with distillation) or paper (the '
              'authors\': 400 epochs, docs/training.md); explicit flags override it, `--recipe paper --help` '
              'shows its values (default: %(default)s)')
-    peek = argparse.ArgumentParser(add_help=False)
+    peek = argparse.ArgumentParser(prog=parser.prog, add_help=False)
     peek.add_argument('--recipe', default='default')
 
     def parse_known_args(args=None, namespace=None):
