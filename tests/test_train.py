@@ -62,14 +62,14 @@ def test_epoch_batch_sampler_resumes_and_shards():
     sampler = EpochBatchSampler(50, 4, seed=3)
     sampler.set_epoch(2)
     batches = list(sampler)
-    assert len(batches) == 12 and all(len(b) == 4 and all(e == 2 for e, _ in b) for b in batches)
-    assert len({i for b in batches for _, i in b}) == 48
+    assert len(batches) == 12 and all(len(b) == 4 and all(e == 2 and c == 0 for e, _, c in b) for b in batches)
+    assert len({i for b in batches for _, i, _ in b}) == 48
     sampler.set_epoch(2, start_batch=5)
     assert len(sampler) == 7 and list(sampler) == batches[5:]
     sampler.set_epoch(3)
-    assert [i for _, i in next(iter(sampler))] != [i for _, i in batches[0]]
+    assert [i for _, i, _ in next(iter(sampler))] != [i for _, i, _ in batches[0]]
     shards = [EpochBatchSampler(50, 4, rank=r, world_size=2, seed=3) for r in range(2)]
-    indices = [{i for b in s for _, i in b} for s in shards]
+    indices = [{i for b in s for _, i, _ in b} for s in shards]
     assert all(s.num_batches == 6 for s in shards) and not indices[0] & indices[1]
     with pytest.raises(ValueError, match='do not fill one batch'):
         EpochBatchSampler(7, 4, world_size=2)

@@ -177,9 +177,11 @@ def _seeded_rngs(seed: int) -> Iterator[None]:
 class TransformDataset(Dataset):
     """`transform` applied to the images of a dataset of (PIL image, target) pairs.
 
-    Keys are indices, or `(epoch, index)` pairs (from `EpochBatchSampler`): then every RNG the transform
-    may use is seeded from (seed, epoch, index), so an augmented sample depends neither on the worker that
-    loads it nor on where a run was interrupted and resumed.
+    Keys are indices, or `(epoch, index, copy)` triples (from `EpochBatchSampler`; `copy` numbers the
+    repetitions of a sample within an epoch): then every RNG the transform may use is seeded from (seed, epoch,
+    index, copy), so an augmented sample depends neither on the worker that loads it nor on where a run was
+    interrupted and resumed, and each repetition gets its own augmentation. Copy 0 is seeded from (seed, epoch,
+    index) alone, as before repetitions existed.
     """
 
     def __init__(self, dataset: Dataset, transform: Any, seed: int = 0) -> None:
@@ -190,32 +192,51 @@ class TransformDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: Union[int, Tuple[int, int]]):
+    def __getitem__(self, key: Union[int, Tuple[int, int, int]]):
         if isinstance(key, tuple):
-            epoch, index = key
+            epoch, index, copy = key
             img, target = self.dataset[index]
-            with _seeded_rngs(((self.seed * 1_000_003 + epoch) * 1_000_003 + index) % 2 ** 63):
+            sample_seed = self.seed
+            for part in (epoch, index, copy) if copy else (epoch, index):
+                sample_seed = sample_seed * 1_000_003 + part
+            with _seeded_rngs(sample_seed % 2 ** 63):
                 return self.transform(img), target
         img, target = self.dataset[key]
         return self.transform(img), target
 
 
-class EpochBatchSampler(Sampler[List[Tuple[int, int]]]):
-    """Full batches of `(epoch, index)` keys: a seeded shuffle per epoch, sharded over ranks, resumable.
+class EpochBatchSampler(Sampler[List[Tuple[int, int, int]]]):
+    """Full batches of `(epoch, index, copy)` keys: a seeded shuffle per epoch, sharded over ranks, resumable.
 
     Every epoch has `num_batches` batches per rank (`num_samples // (batch_size * world_size)`; the rest
     of the shuffled samples is dropped). `set_epoch(epoch, start_batch)` picks the epoch and the batch to
     start from, so a resumed run sees exactly the batches an uninterrupted one would.
+
+    With `repeats` > 1 (repeated augmentation, DeiT's `RASampler` / timm's `--aug-repeats`), each shuffled
+    sample appears `repeats` times in a row (copies 0, 1, ...) before the stream is dealt out to the ranks
+    round-robin, so the copies of a sample go to different ranks (as many as there are, up to `repeats`); the
+    epoch keeps its length, so it covers about 1 / `repeats` of the samples, each `repeats` times.
     """
 
-    def __init__(self, num_samples: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0) -> None:
+    def __init__(
+            self,
+            num_samples: int,
+            batch_size: int,
+            rank: int = 0,
+            world_size: int = 1,
+            seed: int = 0,
+            repeats: int = 1,
+    ) -> None:
         if batch_size < 1:
             raise ValueError(f'The batch size must be positive, got {batch_size}.')
+        if repeats < 1:
+            raise ValueError(f'The number of repeats must be positive, got {repeats}.')
         self.num_samples = num_samples
         self.batch_size = batch_size
         self.rank = rank
         self.world_size = world_size
         self.seed = seed
+        self.repeats = repeats
         self.num_batches = num_samples // (batch_size * world_size)
         if self.num_batches == 0:
             raise ValueError(
@@ -233,12 +254,17 @@ class EpochBatchSampler(Sampler[List[Tuple[int, int]]]):
     def __len__(self) -> int:
         return self.num_batches - self.start_batch
 
-    def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
+    def __iter__(self) -> Iterator[List[Tuple[int, int, int]]]:
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         n = self.num_batches * self.batch_size
-        indices = torch.randperm(self.num_samples, generator=g)[self.rank::self.world_size][:n].tolist()
+        order = torch.randperm(self.num_samples, generator=g)
+        # every sample `repeats` times in a row, then dealt out to the ranks; only this rank's n are listed
+        stream = slice(self.rank, self.rank + n * self.world_size, self.world_size)
+        indices = order.repeat_interleave(self.repeats)[stream].tolist()
+        copies = torch.arange(self.repeats).repeat(self.num_samples)[stream].tolist()
         for b in range(self.start_batch, self.num_batches):
-            yield [(self.epoch, i) for i in indices[b * self.batch_size:(b + 1) * self.batch_size]]
+            batch = slice(b * self.batch_size, (b + 1) * self.batch_size)
+            yield [(self.epoch, i, c) for i, c in zip(indices[batch], copies[batch])]
 
 
 def create_train_loader(
@@ -250,15 +276,19 @@ def create_train_loader(
         world_size: int = 1,
         workers: int = 2,
         pin_memory: bool = False,
+        repeats: int = 1,
 ) -> DataLoader:
     """A resumable training loader: `EpochBatchSampler` batches of `dataset` through `transform`.
 
-    Its `batch_sampler.set_epoch(epoch, start_batch)` selects what the next iteration yields. The global
+    Its `batch_sampler.set_epoch(epoch, start_batch)` selects what the next iteration yields; `repeats` > 1
+    is repeated augmentation (each sample that many times per epoch, differently augmented). The global
     RNGs are never touched (a private generator seeds the workers; samples seed their own augmentation).
     """
+    sampler = EpochBatchSampler(
+        len(dataset), batch_size, rank=rank, world_size=world_size, seed=seed, repeats=repeats)
     return DataLoader(
         TransformDataset(dataset, transform, seed=seed),
-        batch_sampler=EpochBatchSampler(len(dataset), batch_size, rank=rank, world_size=world_size, seed=seed),
+        batch_sampler=sampler,
         num_workers=workers,
         pin_memory=pin_memory,
         persistent_workers=False,

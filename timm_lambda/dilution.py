@@ -6,7 +6,7 @@ A diluted block computes
     x = (s - (s - 1) * lam) * x + lam * DropPath(LS1(Attn(LN1(x))))
     x = x + DropPath(LS2(MLP(LN2(x))))
 with s = 2 for the identity target (`x = (2 - lam) * x + lam * ...`, the paper's rule) and s = 1 for the
-zero target (`x = x + lam * ...`). lam goes 1 -> 0 per optimizer step; at lam = 0 the block is exactly
+zero target (`x = x + lam * ...`). lam goes 1 -> 0 per optimizer step or per epoch; at lam = 0 the block is exactly
 the `MlpOnlyBlock` of `models.py` with `skip_factor = s`, and `fold_model` turns the network into the
 lambda architecture. Diluted blocks keep timm's parameter names, so the fold is a plain state-dict load.
 A lambda model can lose more attention layers the same way: its MLP-only blocks stay at lam = 0.
@@ -63,33 +63,39 @@ class DilutedBlock(nn.Module):
 
 
 class LamSchedule:
-    """lam after `num_updates` optimizer steps: 1 -> 0 over `frac` of `total_steps`, then 0.
+    """lam at time `t` (an optimizer update, or an epoch with `t_in_epochs`): 1 -> 0 over `frac` of
+    `total_t`, then 0; `mode` is the shape of the fall.
 
-    Step `t` (0-based) trains with `lam(t + 1)`, so the last dilution step already runs at lam = 0.
+    Per update (the default), step `u` (0-based) trains with `lam(u + 1)`, so the last dilution step already
+    runs at lam = 0; lam reaches 0 at update `round(frac * total_t)`. Per epoch (as in timm's schedulers,
+    `t_in_epochs`), epoch `e` (0-based) trains with `lam(e)`, constant within the epoch: the authors'
+    `lam = max(0, 1 - e / E)` with E = `frac * total_t` (299 of 400 epochs in the paper), 1 during epoch 0.
     """
 
-    def __init__(self, total_steps: int, frac: float = 0.75, mode: str = 'linear') -> None:
+    def __init__(self, total_t: int, frac: float = 0.75, mode: str = 'linear', t_in_epochs: bool = False) -> None:
         if mode not in LAM_SCHEDULES:
             raise ValueError(f'Unknown lam schedule {mode!r}; choose from {", ".join(LAM_SCHEDULES)}.')
         if not 0. <= frac <= 1.:
             raise ValueError(f'The dilution fraction must be in [0, 1], got {frac}.')
-        if total_steps < 1:
-            raise ValueError(f'A lam schedule needs at least one step, got {total_steps}.')
-        self.total_steps = total_steps
+        if total_t < 1:
+            raise ValueError(f'A lam schedule needs at least one step, got {total_t}.')
+        self.total_t = total_t
         self.frac = frac
         self.mode = mode
-        self.dilution_steps = round(frac * total_steps)
+        self.t_in_epochs = t_in_epochs
+        self.dilution_t = frac * total_t if t_in_epochs else round(frac * total_t)
 
-    def __call__(self, num_updates: int) -> float:
-        if num_updates >= self.dilution_steps:
+    def __call__(self, t: int) -> float:
+        if t >= self.dilution_t:
             return 0.
-        progress = num_updates / self.dilution_steps
+        progress = t / self.dilution_t
         if self.mode == 'cosine':
             return 0.5 * (1. + math.cos(math.pi * progress))
         return 1. - progress
 
     def __repr__(self) -> str:
-        return f'{type(self).__name__}(mode={self.mode!r}, dilution_steps={self.dilution_steps}/{self.total_steps})'
+        unit = 'epochs' if self.t_in_epochs else 'updates'
+        return f'{type(self).__name__}(mode={self.mode!r}, dilution_t={self.dilution_t}/{self.total_t} {unit})'
 
 
 def dilute_model(

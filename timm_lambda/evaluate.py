@@ -8,9 +8,9 @@ from tqdm import tqdm
 __all__ = ['autocast', 'evaluate_top1']
 
 
-def autocast(device: torch.device, amp: bool):
-    """bf16 autocast on the device when `amp`, else a no-op context."""
-    return torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
+def autocast(device: torch.device, amp: bool, dtype: torch.dtype = torch.bfloat16):
+    """Autocast to `dtype` (bf16 by default) on the device when `amp`, else a no-op context."""
+    return torch.autocast(device.type, dtype=dtype) if amp else nullcontext()
 
 
 @torch.no_grad()
@@ -21,6 +21,7 @@ def evaluate_top1(
         amp: bool = False,
         progress: bool = True,
         desc: str = 'eval',
+        amp_dtype: torch.dtype = torch.bfloat16,
 ) -> float:
     """Top-1 accuracy in percent (0-100) of `model` in eval mode over (images, targets) batches."""
     device = device or next(model.parameters()).device
@@ -29,7 +30,7 @@ def evaluate_top1(
     correct = total = 0
     for images, targets in tqdm(loader, desc=desc, disable=not progress, leave=False):
         images, targets = images.to(device), targets.to(device)
-        with autocast(device, amp):
+        with autocast(device, amp, amp_dtype):
             logits = model(images)
         correct += (logits.argmax(-1) == targets).sum().item()
         total += targets.numel()

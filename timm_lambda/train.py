@@ -1,12 +1,15 @@
 """ The trainer shared by `dilute` and `finetune`: one process, or many under torchrun (DDP).
 
 timm's machinery throughout: `create_transform` augmentation (RandAugment, random erasing), `Mixup` /
-CutMix, `create_optimizer_v2`, `create_scheduler_v2` (stepped per update), `ModelEmaV3`, gradient clipping.
-Knowledge distillation from a frozen teacher (soft-target KL with temperature).
+CutMix, repeated augmentation, `create_optimizer_v2`, `create_scheduler_v2` (stepped per update or per epoch,
+with warm-up and cool-down), `ModelEmaV3`, gradient clipping, stochastic depth, bf16 autocast or fp16
+autocast with timm's `NativeScaler`. Knowledge distillation from a frozen teacher (soft-target KL with
+temperature).
 
 Nothing is lost: `last.pth` is written atomically every epoch and every `checkpoint_every` steps, and a
-resumed run continues exactly (weights, optimizer, scheduler, EMA, lam, every rank's RNG states, the data
-order and the position within the epoch). A non-finite loss stops the run before anything is written.
+resumed run continues exactly (weights, optimizer, scheduler, loss scaler, EMA, lam, every rank's RNG
+states, the data order and the position within the epoch). A non-finite loss stops the run before anything
+is written.
 
 `train(model, train_dataset, val_dataset, config)` is the Python entry point; the CLI wraps it.
 """
@@ -16,7 +19,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
@@ -30,11 +33,12 @@ from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
 from timm.data import Mixup
+from timm.layers import DropPath, calculate_drop_path_rates
 from timm.models.vision_transformer import VisionTransformer
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
-from timm.utils import ModelEmaV3, dispatch_clip_grad, random_seed
+from timm.utils import ModelEmaV3, NativeScaler, dispatch_clip_grad, random_seed
 from timm.utils.distributed import init_distributed_device_so, is_distributed_env
 
 from .atomic import torch_save, write_json
@@ -47,27 +51,42 @@ from .evaluate import autocast, evaluate_top1
 from .hub import save_model_dir
 from .models import validate_layers
 
-__all__ = ['TrainConfig', 'TrainResult', 'Trainer', 'NonFiniteLossError', 'kd_loss', 'train', 'CHECKPOINT_NAME']
+__all__ = [
+    'TrainConfig', 'TrainResult', 'Trainer', 'NonFiniteLossError', 'kd_loss', 'set_drop_path', 'train',
+    'CHECKPOINT_NAME', 'SCHEDULERS', 'AMP_DTYPES', 'DROP_PATH_RULES',
+]
 
 _logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = 'last.pth'
-SCHEDULERS = ('cosine', 'tanh', 'step', 'multistep', 'poly')  # all a function of the update count
+SCHEDULERS = ('cosine', 'tanh', 'step', 'multistep', 'poly')  # all a function of the update (or epoch) count
+_CYCLIC_SCHEDULERS = ('cosine', 'tanh', 'poly')  # those that end at min_lr, for a cool-down to hold
+AMP_DTYPES = ('bfloat16', 'float16')
+# per-block stochastic depth: timm's linear ramp 0 -> rate, the rate in every block, or the authors' rule
+DROP_PATH_RULES = ('linear', 'uniform', 'paper')
+PAPER_UNIFORM_WIDTH = 768  # the authors' rule: uniform from DeiT-Base's width up, linear for Small / Tiny
 # config fields that must match for a resumed run to continue the same trajectory
-_RESUME_KEYS = ('epochs', 'batch_size', 'layers', 'target', 'lam_schedule', 'dilution_frac', 'train_samples',
-                'seed', 'kd', 'model_ema', 'opt', 'sched')
+_RESUME_KEYS = ('epochs', 'cooldown_epochs', 'batch_size', 'layers', 'target', 'lam_schedule', 'lam_on_updates',
+                'dilution_frac', 'train_samples', 'aug_repeats', 'seed', 'kd', 'model_ema', 'opt', 'sched',
+                'sched_on_updates')
 
 
 @dataclass
 class TrainConfig:
-    """Everything the trainer needs besides the model and the data; names follow timm's train.py flags."""
+    """Everything the trainer needs besides the model and the data; names follow timm's train.py flags.
+
+    `recipe` names the preset the settings started from (`timm_lambda.recipes`); it is recorded in
+    metrics.json, the trainer reads only the fields themselves.
+    """
     output: str
-    epochs: int = 10
+    recipe: str = 'default'
+    epochs: int = 10  # the length of the lr and lam schedules; cool-down epochs follow
     batch_size: int = 64  # per process
     # dilution (no layers: plain training / fine-tuning)
     layers: Tuple[int, ...] = ()
     target: str = 'identity'
     lam_schedule: str = 'linear'
+    lam_on_updates: bool = True  # lam per optimizer update; False: per epoch, the authors' way
     dilution_frac: float = 0.75
     # knowledge distillation from the frozen teacher (default: the model as it was before training)
     kd: bool = True
@@ -81,9 +100,11 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 0.05
     sched: str = 'cosine'
+    sched_on_updates: bool = True  # step the lr schedule per update; False: per epoch (timm's default)
     warmup_epochs: int = 0
     warmup_lr: float = 1e-6
     min_lr: float = 1e-6
+    cooldown_epochs: int = 0  # epochs at min_lr after the schedule (timm's meaning: trained on top of `epochs`)
     smoothing: float = 0.1
     clip_grad: Optional[float] = None
     clip_mode: str = 'norm'
@@ -102,11 +123,16 @@ class TrainConfig:
     mixup_switch_prob: float = 0.5
     mixup_mode: str = 'batch'
     crop_pct: Optional[float] = None
+    aug_repeats: int = 0  # repeated augmentation: each sample this many times per epoch (0, 1: off)
+    # stochastic depth (None: the model's own), spread over the blocks by `drop_path_rule`
+    drop_path: Optional[float] = None
+    drop_path_rule: str = 'linear'
     # EMA of the weights (evaluated and exported alongside, to OUTPUT/ema)
     model_ema: bool = False
     model_ema_decay: float = 0.9998
     # run
-    amp: bool = False  # bf16 autocast
+    amp: bool = False  # autocast to `amp_dtype`; float16 adds a loss scaler
+    amp_dtype: str = 'bfloat16'
     seed: int = 42
     train_samples: Optional[int] = None
     val_samples: Optional[int] = None
@@ -126,16 +152,33 @@ class TrainConfig:
             (self.lam_schedule in LAM_SCHEDULES,
              f'--lam-schedule must be one of {", ".join(LAM_SCHEDULES)}, got {self.lam_schedule!r}.'),
             (0. <= self.dilution_frac <= 1., f'--dilution-frac must be in [0, 1], got {self.dilution_frac}.'),
+            (not self.layers or self.lam_on_updates or self.dilution_frac * self.epochs <= self.num_epochs - 1,
+             f'With lam per epoch (--no-lam-on-updates), lam must reach 0 by the last epoch for the fold: '
+             f'--dilution-frac x --epochs = {self.dilution_frac * self.epochs:g} must not exceed '
+             f'{self.num_epochs - 1}: train more epochs or lower --dilution-frac.'),
             (0. <= self.kd_weight <= 1., f'--kd-weight must be in [0, 1], got {self.kd_weight}.'),
             (self.kd_temperature > 0., f'--kd-temperature must be positive, got {self.kd_temperature}.'),
             (self.lr is None or self.lr > 0., f'--lr must be positive, got {self.lr}.'),
             (self.sched in SCHEDULERS, f'--sched must be one of {", ".join(SCHEDULERS)}, got {self.sched!r}.'),
+            (self.warmup_epochs >= 0, f'--warmup-epochs must not be negative, got {self.warmup_epochs}.'),
+            (self.cooldown_epochs >= 0, f'--cooldown-epochs must not be negative, got {self.cooldown_epochs}.'),
+            (not self.cooldown_epochs or self.sched in _CYCLIC_SCHEDULERS,
+             f'--cooldown-epochs holds the min lr after a {"/".join(_CYCLIC_SCHEDULERS)} schedule; '
+             f'--sched {self.sched} has no end to hold.'),
             (0. <= self.smoothing < 1., f'--smoothing must be in [0, 1), got {self.smoothing}.'),
             (0. <= self.reprob <= 1., f'--reprob must be in [0, 1], got {self.reprob}.'),
             (self.mixup >= 0. and self.cutmix >= 0., '--mixup and --cutmix must not be negative.'),
             (not self.mixup_active or self.mixup_mode != 'batch' or self.batch_size % 2 == 0,
              f'Mixup / CutMix need an even --batch-size, got {self.batch_size}.'),
             (self.clip_grad is None or self.clip_grad > 0., f'--clip-grad must be positive, got {self.clip_grad}.'),
+            (self.aug_repeats >= 0, f'--aug-repeats must not be negative, got {self.aug_repeats}.'),
+            (self.drop_path is None or 0. <= self.drop_path < 1.,
+             f'--drop-path must be in [0, 1), got {self.drop_path}.'),
+            (self.drop_path_rule in DROP_PATH_RULES,
+             f'--drop-path-rule must be one of {", ".join(DROP_PATH_RULES)}, got {self.drop_path_rule!r}.'),
+            (self.drop_path is not None or self.drop_path_rule == 'linear', '--drop-path-rule needs a --drop-path.'),
+            (self.amp_dtype in AMP_DTYPES,
+             f'--amp-dtype must be one of {", ".join(AMP_DTYPES)}, got {self.amp_dtype!r}.'),
             (self.checkpoint_every >= 0, f'--checkpoint-every must not be negative, got {self.checkpoint_every}.'),
             (self.log_interval >= 1, f'--log-interval must be at least 1, got {self.log_interval}.'),
             (self.workers >= 0, f'--workers must not be negative, got {self.workers}.'),
@@ -149,6 +192,14 @@ class TrainConfig:
     @property
     def mixup_active(self) -> bool:
         return self.mixup > 0. or self.cutmix > 0.
+
+    @property
+    def num_epochs(self) -> int:
+        """Epochs trained: the schedule's, then the cool-down."""
+        return self.epochs + self.cooldown_epochs
+
+
+_FIELD_DEFAULTS = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
 
 
 @dataclass
@@ -190,6 +241,29 @@ def _set_rng_state(state: Dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state['cuda'], device)
 
 
+def set_drop_path(model: nn.Module, rate: float, rule: str = 'linear') -> List[float]:
+    """Set the stochastic depth of every block of a timm ViT (lambda ViTs too); returns the per-block rates.
+
+    `rule`: `linear`, timm's ramp from 0 in the first block to `rate` in the last (what `drop_path_rate`
+    gives at creation); `uniform`, `rate` in every block; `paper`, the authors' rule: uniform for
+    DeiT-Base's width (embed_dim 768) and wider, linear below (Small, Tiny).
+    """
+    if not isinstance(model, VisionTransformer):
+        raise TypeError(f'--drop-path sets the rates of the blocks of a timm VisionTransformer, not of a '
+                        f'{type(model).__name__}: give it drop_path_rate through --model-kwargs instead.')
+    if rule not in DROP_PATH_RULES:
+        raise ValueError(f'Unknown drop path rule {rule!r}; choose from {", ".join(DROP_PATH_RULES)}.')
+    if rule == 'paper':
+        rule = 'uniform' if model.embed_dim >= PAPER_UNIFORM_WIDTH else 'linear'
+    depth = len(model.blocks)
+    rates = calculate_drop_path_rates(rate, depth) if rule == 'linear' else [float(rate)] * depth
+    for block, block_rate in zip(model.blocks, rates):
+        for name in ('drop_path1', 'drop_path2'):
+            if hasattr(block, name):  # MLP-only blocks have the second only
+                setattr(block, name, DropPath(block_rate) if block_rate > 0. else nn.Identity())
+    return rates
+
+
 class Trainer:
     """Optimizer, schedules, losses, EMA and checkpoints around one model (DDP-wrapped when distributed).
 
@@ -217,10 +291,14 @@ class Trainer:
         self.rank, self.world_size = rank, world_size
         self.steps_per_epoch = steps_per_epoch
         self.model = model.to(device)
+        if config.drop_path is not None:
+            set_drop_path(model, config.drop_path, config.drop_path_rule)
         self.lam = None
         if config.layers:
             dilute_model(model, config.layers, config.target)
-            self.lam = LamSchedule(config.epochs * steps_per_epoch, config.dilution_frac, config.lam_schedule)
+            self.lam = LamSchedule(
+                config.epochs * (steps_per_epoch if config.lam_on_updates else 1), config.dilution_frac,
+                config.lam_schedule, t_in_epochs=not config.lam_on_updates)
         self._diluted = diluted_blocks(model)
         self.module = model
         if world_size > 1:
@@ -234,7 +312,11 @@ class Trainer:
             model, opt=config.opt, lr=lr, weight_decay=config.weight_decay, momentum=config.momentum)
         self.scheduler, _ = create_scheduler_v2(
             self.optimizer, sched=config.sched, num_epochs=config.epochs, warmup_epochs=config.warmup_epochs,
-            warmup_lr=config.warmup_lr, min_lr=config.min_lr, step_on_epochs=False, updates_per_epoch=steps_per_epoch)
+            warmup_lr=config.warmup_lr, min_lr=config.min_lr, cooldown_epochs=config.cooldown_epochs,
+            step_on_epochs=not config.sched_on_updates, updates_per_epoch=steps_per_epoch)
+        self.amp_dtype = getattr(torch, config.amp_dtype)
+        # fp16 needs its gradients scaled (timm's NativeScaler around torch.amp.GradScaler); bf16 does not
+        self.loss_scaler = NativeScaler(device.type) if config.amp and config.amp_dtype == 'float16' else None
         self.ema = ModelEmaV3(model, decay=config.model_ema_decay) if config.model_ema else None
         self.mixup = None
         if config.mixup_active:
@@ -258,17 +340,25 @@ class Trainer:
     def current_lam(self) -> Optional[float]:
         return self._diluted[0].lam if self._diluted else None
 
+    def _set_lam(self, lam: float) -> None:
+        for block in self._diluted:
+            block.lam = lam
+
+    def start_epoch(self) -> None:
+        """Set what is constant within the current epoch: the lr (per-epoch schedule) and lam (per epoch)."""
+        self.scheduler.step(self.epoch)  # a no-op for a per-update schedule
+        if self.lam is not None and self.lam.t_in_epochs:
+            self._set_lam(self.lam(self.epoch))
+
     def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """One optimizer step; returns the (detached) loss without synchronizing."""
         cfg = self.config
-        if self.lam is not None:
-            lam = self.lam(self.global_step + 1)
-            for block in self._diluted:
-                block.lam = lam
-        self.scheduler.step_update(self.global_step)
+        if self.lam is not None and not self.lam.t_in_epochs:
+            self._set_lam(self.lam(self.global_step + 1))
+        self.scheduler.step_update(self.global_step)  # a no-op for a per-epoch schedule
         if self.mixup is not None:
             images, targets = self.mixup(images, targets)
-        with autocast(self.device, cfg.amp):
+        with autocast(self.device, cfg.amp, self.amp_dtype):
             output = self.module(images)
             loss = self.loss_fn(output, targets)
             if self.teacher is not None:
@@ -276,10 +366,15 @@ class Trainer:
                     teacher_output = self.teacher(images)
                 loss = (1. - cfg.kd_weight) * loss + cfg.kd_weight * kd_loss(output, teacher_output, cfg.kd_temperature)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.clip_grad is not None:
-            dispatch_clip_grad(self.model.parameters(), cfg.clip_grad, mode=cfg.clip_mode)
-        self.optimizer.step()
+        if self.loss_scaler is not None:
+            self.loss_scaler(
+                loss, self.optimizer, clip_grad=cfg.clip_grad, clip_mode=cfg.clip_mode,
+                parameters=self.model.parameters())
+        else:
+            loss.backward()
+            if cfg.clip_grad is not None:
+                dispatch_clip_grad(self.model.parameters(), cfg.clip_grad, mode=cfg.clip_mode)
+            self.optimizer.step()
         self.global_step += 1
         if self.ema is not None:
             self.ema.update(self.model, step=self.global_step)
@@ -308,8 +403,9 @@ class Trainer:
         """Run the current epoch from `self.batch` over `batches`; returns its mean loss over all ranks."""
         cfg = self.config
         self.module.train()
+        self.start_epoch()
         pbar = tqdm(
-            total=self.steps_per_epoch, initial=self.batch, desc=f'epoch {self.epoch + 1}/{cfg.epochs}',
+            total=self.steps_per_epoch, initial=self.batch, desc=f'epoch {self.epoch + 1}/{cfg.num_epochs}',
             disable=not (cfg.progress and self.rank == 0), leave=False, dynamic_ncols=True)
         for images, targets in batches:
             self.train_step(images.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True))
@@ -362,6 +458,7 @@ class Trainer:
             'model': self.model.state_dict(),
             'optimizer': self.optimizer.state_dict(),
             'scheduler': self.scheduler.state_dict(),
+            'scaler': self.loss_scaler.state_dict() if self.loss_scaler is not None else None,
             'rng': rng,
             'loss_stats': loss_stats,
             'metrics': self.metrics,
@@ -386,7 +483,8 @@ class Trainer:
         if not isinstance(state, dict) or 'global_step' not in state:
             raise ValueError(f'{path} is not a timm-lambda training checkpoint.')
         saved, now = state['config'], asdict(self.config)
-        diffs = [f'{k}: {saved.get(k)!r} -> {now[k]!r}' for k in _RESUME_KEYS if _plain(saved.get(k)) != _plain(now[k])]
+        saved = {k: saved.get(k, _FIELD_DEFAULTS[k]) for k in _RESUME_KEYS}  # fields newer than the checkpoint
+        diffs = [f'{k}: {saved[k]!r} -> {now[k]!r}' for k in _RESUME_KEYS if _plain(saved[k]) != _plain(now[k])]
         if state['world_size'] != self.world_size:
             diffs.append(f'processes: {state["world_size"]} -> {self.world_size}')
         if state['steps_per_epoch'] != self.steps_per_epoch:
@@ -396,6 +494,8 @@ class Trainer:
         self.model.load_state_dict(state['model'])
         self.optimizer.load_state_dict(state['optimizer'])
         self.scheduler.load_state_dict(state['scheduler'])
+        if self.loss_scaler is not None and state.get('scaler') is not None:
+            self.loss_scaler.load_state_dict(state['scaler'])
         if self.ema is not None:
             self.ema.module.load_state_dict(state['model_ema'])
             self.ema._sr_generator.set_state(state['model_ema_rng'])
@@ -403,8 +503,8 @@ class Trainer:
         self.metrics = list(state['metrics'])
         self.epoch_time = state['epoch_time']
         self._loss_stats.copy_(state['loss_stats'] if self.rank == 0 else torch.zeros(2))
-        if self.lam is not None:
-            set_lam(self.model, self.lam(self.global_step))
+        if self.lam is not None:  # the lam of the last step trained
+            self._set_lam(state['lam'])
         _set_rng_state(state['rng'][self.rank], self.device)
 
 
@@ -444,7 +544,8 @@ def _resolve_checkpoint(resume: str) -> Path:
 
 def _evaluate(model: nn.Module, loader: Iterable, device: torch.device, config: TrainConfig, world_size: int) -> float:
     """Top-1 (%) over the validation shards of all ranks."""
-    top1 = evaluate_top1(model, loader, device, amp=config.amp, progress=False)
+    top1 = evaluate_top1(
+        model, loader, device, amp=config.amp, amp_dtype=getattr(torch, config.amp_dtype), progress=False)
     n = len(loader.dataset)
     counts = torch.tensor([top1 * n / 100., n], dtype=torch.float64, device=device)
     if world_size > 1:
@@ -522,7 +623,8 @@ def _train(
     train_set = seeded_subset(train_dataset, config.train_samples, config.seed)
     loader = create_train_loader(
         train_set, train_transform(data_config, **aug), config.batch_size, seed=config.seed, rank=rank,
-        world_size=world_size, workers=config.workers, pin_memory=device.type == 'cuda')
+        world_size=world_size, workers=config.workers, pin_memory=device.type == 'cuda',
+        repeats=max(config.aug_repeats, 1))
     val_loader = None
     if val_dataset is not None:
         val_set = seeded_subset(val_dataset, config.val_samples, config.seed)
@@ -545,7 +647,7 @@ def _train(
             _logger.info(f'Resumed {resume} at epoch {trainer.epoch + 1}, batch {trainer.batch} '
                          f'(step {trainer.global_step}).')
 
-    while trainer.epoch < config.epochs:
+    while trainer.epoch < config.num_epochs:
         start = time.time() - trainer.epoch_time
         loader.batch_sampler.set_epoch(trainer.epoch, trainer.batch)
         train_loss = trainer.train_epoch(
@@ -559,8 +661,8 @@ def _train(
         trainer.end_epoch(record)
         trainer.save_checkpoint(checkpoint_path, 0.)
         if rank == 0:
-            write_json(output / 'metrics.json', {'epochs': trainer.metrics})
-            _logger.info(_summary(record, config.epochs, trainer.optimizer.param_groups[0]['lr']))
+            write_json(output / 'metrics.json', {'config': asdict(config), 'epochs': trainer.metrics})
+            _logger.info(_summary(record, config.num_epochs, trainer.optimizer.param_groups[0]['lr']))
 
     final = fold_model(model) if config.layers else model
     final_ema = None

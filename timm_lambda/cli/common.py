@@ -36,7 +36,8 @@ def add_model_args(parser: argparse.ArgumentParser, default_model: Optional[str]
     g.add_argument('--num-classes', type=int, default=None, help='classifier size (default: the model\'s)')
     g.add_argument('--img-size', type=int, default=None, help='input image size (default: the model\'s)')
     g.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='torch device')
-    g.add_argument('--amp', action='store_true', help='bf16 autocast (statistics stay float64)')
+    g.add_argument('--amp', action=argparse.BooleanOptionalAction, default=False,
+                   help='autocast, bf16 (statistics stay float64; training: see --amp-dtype) (default: %(default)s)')
     g.add_argument('--seed', type=int, default=42, help='random seed')
     g.add_argument('--debug', action='store_true', help='show tracebacks on errors')
 

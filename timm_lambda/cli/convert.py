@@ -32,7 +32,7 @@ from .common import (
     create_eval_dataset_from_args, model_from_args, resolve_device,
 )
 from .dilute import add_dilution_args
-from .finetune import add_train_args, train_config_from_args
+from .finetune import add_recipe_arg, add_train_args, train_config_from_args
 from .profile import save_profile
 from .select import add_selection_args, nose_kwargs_from_args, save_selection
 
@@ -161,6 +161,7 @@ def add_parser(subparsers) -> None:
                    help='remove the attention of these blocks (e.g. 0,2,4) and skip the selection')
     add_dilution_args(parser)
     add_train_args(parser, kd_default=True)
+    add_recipe_arg(parser)  # --recipe paper: the authors' recipe over the defaults below
     g = parser.add_argument_group('benchmark')
     g.add_argument('--bench-batch-size', type=int, default=8, help='images per forward pass (default: %(default)s)')
     g.add_argument('--bench-repeats', type=int, default=10, help='timed rounds (default: %(default)s)')

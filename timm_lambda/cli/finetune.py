@@ -3,6 +3,7 @@
 Also holds the training flags `dilute` shares (named as in timm's train.py).
 """
 import argparse
+import copy
 import logging
 import os
 from dataclasses import fields
@@ -12,10 +13,11 @@ import torch
 import timm
 
 from ..data import create_dataset
-from ..train import SCHEDULERS, TrainConfig, train
+from ..recipes import RECIPES, apply_recipe
+from ..train import AMP_DTYPES, DROP_PATH_RULES, SCHEDULERS, TrainConfig, train
 from .common import _WEIGHT_SOURCES, add_data_args, add_model_args, add_output_arg, create_model_from_args
 
-__all__ = ['add_parser', 'add_train_args', 'run_training', 'train_config_from_args']
+__all__ = ['add_parser', 'add_train_args', 'add_recipe_arg', 'run_training', 'train_config_from_args']
 
 _logger = logging.getLogger(__name__)
 
@@ -34,15 +36,28 @@ def add_train_args(parser: argparse.ArgumentParser, kd_default: bool) -> None:
     g.add_argument('--lr-base', type=float, default=d.lr_base, help='learning rate at batch 512 (default: %(default)s)')
     g.add_argument('--momentum', type=float, default=d.momentum, help='optimizer momentum (default: %(default)s)')
     g.add_argument('--weight-decay', type=float, default=d.weight_decay, help='weight decay (default: %(default)s)')
-    g.add_argument('--sched', default=d.sched, choices=SCHEDULERS, help='lr schedule, per step (default: %(default)s)')
+    g.add_argument('--sched', default=d.sched, choices=SCHEDULERS, help='lr schedule (default: %(default)s)')
+    g.add_argument('--sched-on-updates', action=argparse.BooleanOptionalAction, default=d.sched_on_updates,
+                   help='step the lr schedule per update, or per epoch with --no-sched-on-updates '
+                        '(default: %(default)s)')
     g.add_argument('--warmup-epochs', type=int, default=d.warmup_epochs, help='lr warmup epochs (default: %(default)s)')
     g.add_argument('--warmup-lr', type=float, default=d.warmup_lr, help='warmup start lr (default: %(default)s)')
     g.add_argument('--min-lr', type=float, default=d.min_lr, help='lr floor (default: %(default)s)')
+    g.add_argument('--cooldown-epochs', type=int, default=d.cooldown_epochs, metavar='N',
+                   help='epochs at --min-lr trained after the --epochs of the schedule, as in timm '
+                        '(default: %(default)s)')
     g.add_argument('--smoothing', type=float, default=d.smoothing, help='label smoothing (default: %(default)s)')
     g.add_argument('--clip-grad', type=float, default=None, metavar='NORM', help='clip gradients (default: off)')
     g.add_argument('--clip-mode', default=d.clip_mode, choices=('norm', 'value', 'agc'), help='gradient clipping mode')
-    g.add_argument('--drop-path', type=float, default=None, metavar='PCT', help='stochastic depth rate (model kwarg)')
-    g.add_argument('--model-ema', action='store_true', help='keep an EMA of the weights (exported to OUTPUT/ema)')
+    g.add_argument('--drop-path', type=float, default=d.drop_path, metavar='PCT',
+                   help='stochastic depth rate of a ViT, spread by --drop-path-rule (default: the model\'s own)')
+    g.add_argument('--drop-path-rule', default=d.drop_path_rule, choices=DROP_PATH_RULES,
+                   help='linear: timm\'s ramp from 0 to --drop-path over the blocks; uniform: --drop-path in '
+                        'every block; paper: uniform from DeiT-Base\'s width up, linear below (default: %(default)s)')
+    g.add_argument('--amp-dtype', default=d.amp_dtype, choices=AMP_DTYPES,
+                   help='autocast dtype with --amp; float16 adds a loss scaler (default: %(default)s)')
+    g.add_argument('--model-ema', action=argparse.BooleanOptionalAction, default=d.model_ema,
+                   help='keep an EMA of the weights (exported to OUTPUT/ema) (default: %(default)s)')
     g.add_argument('--model-ema-decay', type=float, default=d.model_ema_decay, help='EMA decay (default: %(default)s)')
     g.add_argument('--train-samples', type=int, default=None, metavar='N', help='train on a seeded subset of N images')
     g.add_argument('--val-samples', type=int, default=None, metavar='N', help='validate on a seeded subset of N images')
@@ -77,6 +92,34 @@ def add_train_args(parser: argparse.ArgumentParser, kd_default: bool) -> None:
     g.add_argument('--mixup-prob', type=float, default=d.mixup_prob, help='probability of mixup or cutmix per batch')
     g.add_argument('--mixup-switch-prob', type=float, default=d.mixup_switch_prob, help='probability of cutmix over mixup')
     g.add_argument('--mixup-mode', default=d.mixup_mode, choices=('batch', 'pair', 'elem'), help='how mixup params are drawn')
+    g.add_argument('--aug-repeats', type=int, default=d.aug_repeats, metavar='N',
+                   help='repeated augmentation: each image N times per epoch, differently augmented, on different '
+                        'processes; the epoch keeps its length (0 or 1: off; default: %(default)s)')
+
+
+def add_recipe_arg(parser: argparse.ArgumentParser) -> None:
+    """`--recipe NAME` (`timm_lambda.recipes`): the recipe's values become the defaults of the other flags.
+
+    The parser reads `--recipe` first and then parses the command line with those defaults, so a flag given
+    explicitly wins whatever its value (also one equal to the default), and `--recipe NAME --help` shows the
+    defaults the recipe gives.
+    """
+    parser.add_argument(
+        '--recipe', default='default', choices=tuple(RECIPES),
+        help='defaults of the training flags: default (this project\'s, short, with distillation) or paper (the '
+             'authors\': 400 epochs, docs/training.md); explicit flags override it, `--recipe paper --help` '
+             'shows its values (default: %(default)s)')
+    peek = argparse.ArgumentParser(prog=parser.prog, add_help=False)
+    peek.add_argument('--recipe', default='default')
+
+    def parse_known_args(args=None, namespace=None):
+        name = peek.parse_known_args(args)[0].recipe
+        resolved = copy.deepcopy(parser)
+        if name in RECIPES:  # else the parse reports the bad choice
+            resolved.set_defaults(**apply_recipe(name))
+        return argparse.ArgumentParser.parse_known_args(resolved, args, namespace)
+
+    parser.parse_known_args = parse_known_args  # what the `timm-lambda` parser calls on its subcommand
 
 
 def run_training(args: argparse.Namespace, layers: Sequence[int] = ()) -> int:
@@ -86,8 +129,7 @@ def run_training(args: argparse.Namespace, layers: Sequence[int] = ()) -> int:
         _logger.warning('Training from random weights: pass --pretrained (or --initial-checkpoint) to start '
                         'from trained ones.')
     torch.manual_seed(args.seed)  # the same initial weights on every rank
-    extra = {'drop_path_rate': args.drop_path} if args.drop_path is not None else {}
-    model = create_model_from_args(args, **extra)
+    model = create_model_from_args(args)
     teacher = None
     if args.teacher:
         if not args.kd:
