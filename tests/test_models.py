@@ -236,9 +236,15 @@ def test_instance_without_pretrained_cfg_raises():
         create_lambda_model(base, [0])
 
 
-def test_lambda_instance_and_pretrained_instance_raise():
-    base = timm.create_model('deit_tiny_patch16_224', **SMALL)
-    with pytest.raises(ValueError, match='already is a lambda model'):
-        create_lambda_model(create_lambda_model(base, [0]), [1])
+def test_lambda_instance_gains_layers_and_pretrained_instance_raises():
+    base = timm.create_model('deit_tiny_patch16_224', **SMALL).eval()
+    first = create_lambda_model(base, [0])
+    more = create_lambda_model(first, [1])
+    assert more.mlp_only_layers == (0, 1)
+    sd = more.state_dict()
+    assert all(torch.equal(v, first.state_dict()[k]) for k, v in sd.items())  # weights carried over
+    assert not any(k.startswith(('blocks.1.attn', 'blocks.1.norm1')) for k in sd)
+    with pytest.raises(ValueError, match='one factor per model'):
+        create_lambda_model(first, [1], skip_factor=1.0)
     with pytest.raises(ValueError, match='`pretrained` applies to a model name'):
         create_lambda_model(base, [0], pretrained=True)
