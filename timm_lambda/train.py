@@ -116,6 +116,7 @@ class TrainConfig:
     resume: Optional[str] = None  # a checkpoint file, or an output folder holding one
     log_interval: int = 50
     progress: bool = True
+    recipe: Optional[str] = None  # the `recipes.RECIPES` entry these defaults came from, for the record
 
     def validate(self) -> None:
         """Raise a clear ValueError for settings that cannot work."""
@@ -559,8 +560,10 @@ def _train(
         trainer.end_epoch(record)
         trainer.save_checkpoint(checkpoint_path, 0.)
         if rank == 0:
-            write_json(output / 'metrics.json', {'epochs': trainer.metrics})
-            _logger.info(_summary(record, config.epochs, trainer.optimizer.param_groups[0]['lr']))
+            write_json(output / 'metrics.json', {'config': asdict(config), 'epochs': trainer.metrics})
+            _logger.info(_summary(record, config, trainer.optimizer.param_groups[0]['lr']))
+            if record['epoch'] == 1 and not config.kd:
+                _warn_if_chance(record['train_loss'], model.num_classes)
 
     final = fold_model(model) if config.layers else model
     final_ema = None
@@ -579,10 +582,24 @@ def _train(
     return TrainResult(model=final, metrics=trainer.metrics, output=output, model_ema=final_ema)
 
 
-def _summary(record: Dict[str, Any], epochs: int, lr: float) -> str:
+def _warn_if_chance(train_loss: float, num_classes: int) -> None:
+    """Warn when the loss after the first epoch is still about that of guessing (ln num_classes)."""
+    chance = math.log(num_classes) if num_classes > 1 else 0.
+    if chance and train_loss > 0.9 * chance:
+        _logger.warning(
+            f'warning: the training loss after epoch 1, {train_loss:.3f}, is still about chance (ln {num_classes} = '
+            f'{chance:.3f}): the model is not learning. For a small dataset try `--recipe small`; else check --lr '
+            f'and the augmentation (--aa, --mixup, --cutmix, --reprob).')
+
+
+def _summary(record: Dict[str, Any], config: TrainConfig, lr: float) -> str:
+    epochs = config.epochs
     parts = [f'epoch {record["epoch"]}/{epochs}']
     if record['lam'] is not None:
         parts.append(f'lam {record["lam"]:.4f}')
+        if record['lam'] == 0 and record['epoch'] < epochs:
+            parts.append(f'(attention removed after {config.dilution_frac:.0%} of the steps, --dilution-frac; '
+                         f'the lambda model trains on)')
     parts.append(f'train_loss {record["train_loss"]:.4f}')
     if record['val_top1'] is not None:
         parts.append(f'val_top1 {record["val_top1"]:.2f}')

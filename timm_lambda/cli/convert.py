@@ -36,12 +36,8 @@ from .select import add_selection_args, save_selection
 
 __all__ = ['add_parser']
 
-# the dilution recipe of the embedded default: a short budget (3.3% of the reference's training) without augmentation
-_DEFAULTS = dict(
-    epochs=2, train_samples=20000, batch_size=128, lr=5e-4, warmup_epochs=0, smoothing=0.0, no_aug=True,
-    aa=None, mixup=0.0, cutmix=0.0, reprob=0.0, dilution_frac=0.5, kd_weight=0.5, num_images=128, ratio=0.4,
-    workers=1,
-)
+# the embedded default's settings besides its training recipe (`recipes.RECIPES['convert']`)
+_DEFAULTS = dict(batch_size=128, num_images=128, ratio=0.4, workers=1, dilution_frac=0.5)
 
 
 def _is_main() -> bool:
@@ -103,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
     files.update({f'bench_{k}': v for k, v in write_results(bench, out / 'bench').items()})
 
     summary: Dict[str, Any] = dict(
-        model=args.model, dataset=args.dataset, criterion=args.criterion, mlp_only_layers=list(layers),
+        model=args.model, dataset=args.dataset, eval_split=args.val_split, eval_images=len(val_loader.dataset),
+        criterion=args.criterion, mlp_only_layers=list(layers),
         top1_before=round(top1_before, 2), top1_zero_shot=round(top1_zero_shot, 2), top1_after=round(top1_after, 2),
         params_before=count_params(model), params_after=count_params(converted),
         speedup=round(bench['ratios']['converted']['throughput'], 4), bench_batch_size=args.bench_batch_size,
@@ -117,12 +114,9 @@ def run(args: argparse.Namespace) -> int:
     run_files = {
         'entropy': files['entropy'], 'entropy_plot': files['entropy_plot'], 'selection': files['selection'],
         'metrics': files['metrics'], 'bench': files['bench_json'], 'summary': summary_path}
-    cfg = model.pretrained_cfg
-    name = f'{cfg["architecture"]}_lambda{round(100 * len(layers) / len(model.blocks))}'
     export_dir = export_model(
-        converted, out / 'export', run_files, datasets=[args.dataset] if args.dataset else [],
-        weights=f'converted from `{args.model}` by `timm-lambda convert`',
-        model_name=f'{name}.{cfg["tag"]}' if cfg.get('tag') else name)
+        converted, out / 'export', run_files, repo_id=args.repo, datasets=[args.dataset] if args.dataset else [],
+        weights=f'converted from `{args.model}` by `timm-lambda convert`')
     files.update(export=str(export_dir), summary=str(summary_path))
     summary.update(time_s=round(time.time() - start, 1), files=files)
     write_json(summary_path, summary)
@@ -139,17 +133,19 @@ def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         'convert', help='the whole pipeline: profile, NOSE, dilution with KD, fold, evaluate, bench, export',
         description='Convert a ViT into its lambda form end to end. With no arguments: the reference model '
-                    'shipped in the package, on Fashion-MNIST, 40%% of the attention layers removed. '
+                    'shipped in the package, on Fashion-MNIST, 40% of the attention layers removed. '
                     'Writes OUTPUT/summary.json and every step\'s files.')
     add_model_args(parser, default_model=REFERENCE_MODEL)
     add_data_args(parser, default_dataset=FASHION_MNIST)
     add_calibration_args(parser)
     add_selection_args(parser, required=False)
     add_dilution_args(parser)
-    add_train_args(parser, kd_default=True)
+    add_train_args(parser, kd_default=True, recipe='convert')
     g = parser.add_argument_group('benchmark')
     g.add_argument('--bench-batch-size', type=int, default=8, help='images per forward pass (default: %(default)s)')
     g.add_argument('--bench-repeats', type=int, default=10, help='timed rounds (default: %(default)s)')
     g.add_argument('--threads', type=int, default=None, help='CPU threads for torch (default: torch\'s)')
     add_output_arg(parser, default='output/convert')
+    parser.add_argument('--repo', metavar='ORG/NAME', help='Hub repo the export will be pushed to (the model card\'s '
+                                                          'usage snippet and title)')
     parser.set_defaults(func=run, **_DEFAULTS)

@@ -38,5 +38,5 @@ def add_parser(subparsers) -> None:
     add_data_args(parser)
     add_output_arg(parser)
     add_dilution_args(parser)
-    add_train_args(parser, kd_default=True)
+    add_train_args(parser, kd_default=True, recipe='imagenet')
     parser.set_defaults(func=_run)

@@ -1,17 +1,19 @@
 """`timm-lambda finetune`: train a lambda (or any timm) model downstream, with a new classifier.
 
-Also holds the training flags `dilute` shares (named as in timm's train.py).
+Also holds the training flags `dilute` and `convert` share (named as in timm's train.py) and `--recipe`: the
+flags a recipe sets (`recipes.RECIPE_FIELDS`) have no argparse default, so an unset one takes the recipe's value.
 """
 import argparse
 import logging
 import os
 from dataclasses import fields
-from typing import Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 import timm
 
 from ..data import create_dataset
+from ..recipes import RECIPE_FIELDS, RECIPES, describe_recipes, recipe_config
 from ..train import SCHEDULERS, TrainConfig, train
 from .common import _WEIGHT_SOURCES, add_data_args, add_model_args, add_output_arg, create_model_from_args
 
@@ -24,27 +26,44 @@ def _none_or_str(value: str) -> Optional[str]:
     return None if value.lower() in ('', 'none') else value
 
 
-def add_train_args(parser: argparse.ArgumentParser, kd_default: bool) -> None:
-    """The trainer's flags; `kd_default` turns distillation on (dilute) or off (finetune) by default."""
+def add_train_args(parser: argparse.ArgumentParser, kd_default: bool, recipe: str) -> None:
+    """The trainer's flags; `kd_default` turns distillation on (dilute) or off (finetune) by default, `recipe` is
+    the default `--recipe`."""
     d = TrainConfig('')
+
+    def default(name: str, fmt: str = '%(default)s') -> Dict[str, Any]:
+        """argparse default and help suffix: a recipe's field has none (the recipe fills it in)."""
+        if name in RECIPE_FIELDS:
+            return dict(default=argparse.SUPPRESS, help_default=f'(default: the recipe\'s; {describe_recipes(name)})')
+        return dict(default=getattr(d, name), help_default=f'(default: {fmt})')
+
+    def add(group, *flags, name: str, help: str, **kwargs) -> None:
+        spec = default(name)
+        group.add_argument(*flags, dest=name, default=spec['default'], help=f'{help} {spec["help_default"]}', **kwargs)
+
     g = parser.add_argument_group('training')
-    g.add_argument('--epochs', type=int, default=d.epochs, help='epochs (default: %(default)s)')
-    g.add_argument('--opt', default=d.opt, help='timm optimizer (default: %(default)s)')
-    g.add_argument('--lr', type=float, default=None, help='learning rate (default: --lr-base x global batch / 512)')
-    g.add_argument('--lr-base', type=float, default=d.lr_base, help='learning rate at batch 512 (default: %(default)s)')
-    g.add_argument('--momentum', type=float, default=d.momentum, help='optimizer momentum (default: %(default)s)')
-    g.add_argument('--weight-decay', type=float, default=d.weight_decay, help='weight decay (default: %(default)s)')
-    g.add_argument('--sched', default=d.sched, choices=SCHEDULERS, help='lr schedule, per step (default: %(default)s)')
-    g.add_argument('--warmup-epochs', type=int, default=d.warmup_epochs, help='lr warmup epochs (default: %(default)s)')
-    g.add_argument('--warmup-lr', type=float, default=d.warmup_lr, help='warmup start lr (default: %(default)s)')
-    g.add_argument('--min-lr', type=float, default=d.min_lr, help='lr floor (default: %(default)s)')
-    g.add_argument('--smoothing', type=float, default=d.smoothing, help='label smoothing (default: %(default)s)')
-    g.add_argument('--clip-grad', type=float, default=None, metavar='NORM', help='clip gradients (default: off)')
-    g.add_argument('--clip-mode', default=d.clip_mode, choices=('norm', 'value', 'agc'), help='gradient clipping mode')
+    g.add_argument('--recipe', default=recipe, choices=tuple(RECIPES),
+                   help='named defaults for the flags below; explicit flags override it (default: %(default)s; '
+                        'small: small downstream sets, no heavy augmentation; imagenet: timm\'s DeiT recipe; '
+                        'convert: the short demo dilution)')
+    add(g, '--epochs', name='epochs', type=int, help='epochs')
+    add(g, '--opt', name='opt', help='timm optimizer')
+    add(g, '--lr', name='lr', type=float, help='learning rate; None: --lr-base x global batch / 512')
+    add(g, '--lr-base', name='lr_base', type=float, help='learning rate at batch 512')
+    add(g, '--momentum', name='momentum', type=float, help='optimizer momentum')
+    add(g, '--weight-decay', name='weight_decay', type=float, help='weight decay')
+    add(g, '--sched', name='sched', choices=SCHEDULERS, help='lr schedule, per step')
+    add(g, '--warmup-epochs', name='warmup_epochs', type=int, help='lr warmup epochs')
+    add(g, '--warmup-lr', name='warmup_lr', type=float, help='warmup start lr')
+    add(g, '--min-lr', name='min_lr', type=float, help='lr floor')
+    add(g, '--smoothing', name='smoothing', type=float, help='label smoothing')
+    add(g, '--clip-grad', name='clip_grad', type=float, metavar='NORM', help='clip gradients; None: off')
+    add(g, '--clip-mode', name='clip_mode', choices=('norm', 'value', 'agc'), help='gradient clipping mode')
     g.add_argument('--drop-path', type=float, default=None, metavar='PCT', help='stochastic depth rate (model kwarg)')
     g.add_argument('--model-ema', action='store_true', help='keep an EMA of the weights (exported to OUTPUT/ema)')
-    g.add_argument('--model-ema-decay', type=float, default=d.model_ema_decay, help='EMA decay (default: %(default)s)')
-    g.add_argument('--train-samples', type=int, default=None, metavar='N', help='train on a seeded subset of N images')
+    add(g, '--model-ema-decay', name='model_ema_decay', type=float, help='EMA decay')
+    add(g, '--train-samples', name='train_samples', type=int, metavar='N',
+        help='train on a seeded subset of N images; None: all')
     g.add_argument('--val-samples', type=int, default=None, metavar='N', help='validate on a seeded subset of N images')
     g.add_argument('--resume', default=None, metavar='PATH',
                    help='continue a run from its checkpoint (a last.pth, or the run\'s --output folder)')
@@ -56,27 +75,29 @@ def add_train_args(parser: argparse.ArgumentParser, kd_default: bool) -> None:
     g = parser.add_argument_group('distillation')
     g.add_argument('--kd', action=argparse.BooleanOptionalAction, default=kd_default,
                    help='distill from the frozen teacher (default: %(default)s)')
-    g.add_argument('--kd-weight', type=float, default=d.kd_weight,
-                   help='weight of the distillation loss, the rest on the label loss (default: %(default)s)')
+    add(g, '--kd-weight', name='kd_weight', type=float,
+        help='weight of the distillation loss, the rest on the label loss')
     g.add_argument('--kd-temperature', type=float, default=d.kd_temperature, help='softmax temperature (default: %(default)s)')
     g.add_argument('--teacher', default=None, metavar='MODEL',
                    help='teacher (anything timm.create_model accepts, with its pretrained weights); '
                         'default: the model as it is before training')
 
-    g = parser.add_argument_group('augmentation (DeiT recipe by default; each switchable)')
-    g.add_argument('--no-aug', action='store_true', help='no image augmentation (mixup/cutmix are separate)')
-    g.add_argument('--scale', type=float, nargs=2, default=None, metavar=('MIN', 'MAX'), help='random-resized-crop scale')
-    g.add_argument('--hflip', type=float, default=d.hflip, help='horizontal flip probability (default: %(default)s)')
-    g.add_argument('--color-jitter', type=float, default=d.color_jitter, help='color jitter (without --aa; default: %(default)s)')
-    g.add_argument('--aa', type=_none_or_str, default=d.aa, help='RandAugment / AutoAugment policy, or none (default: %(default)s)')
-    g.add_argument('--reprob', type=float, default=d.reprob, help='random erasing probability (default: %(default)s)')
-    g.add_argument('--remode', default=d.remode, help='random erasing mode (default: %(default)s)')
-    g.add_argument('--recount', type=int, default=d.recount, help='random erasing count (default: %(default)s)')
-    g.add_argument('--mixup', type=float, default=d.mixup, help='mixup alpha, 0 = off (default: %(default)s)')
-    g.add_argument('--cutmix', type=float, default=d.cutmix, help='cutmix alpha, 0 = off (default: %(default)s)')
-    g.add_argument('--mixup-prob', type=float, default=d.mixup_prob, help='probability of mixup or cutmix per batch')
-    g.add_argument('--mixup-switch-prob', type=float, default=d.mixup_switch_prob, help='probability of cutmix over mixup')
-    g.add_argument('--mixup-mode', default=d.mixup_mode, choices=('batch', 'pair', 'elem'), help='how mixup params are drawn')
+    g = parser.add_argument_group('augmentation (each switchable)')
+    add(g, '--no-aug', name='no_aug', action='store_const', const=True,
+        help='no image augmentation; mixup/cutmix are separate')
+    add(g, '--scale', name='scale', type=float, nargs=2, metavar=('MIN', 'MAX'),
+        help='random-resized-crop scale; None: timm\'s (0.08, 1)')
+    add(g, '--hflip', name='hflip', type=float, help='horizontal flip probability')
+    add(g, '--color-jitter', name='color_jitter', type=float, help='color jitter (without --aa)')
+    add(g, '--aa', name='aa', type=_none_or_str, help='RandAugment / AutoAugment policy, or none')
+    add(g, '--reprob', name='reprob', type=float, help='random erasing probability')
+    add(g, '--remode', name='remode', help='random erasing mode')
+    add(g, '--recount', name='recount', type=int, help='random erasing count')
+    add(g, '--mixup', name='mixup', type=float, help='mixup alpha, 0 = off')
+    add(g, '--cutmix', name='cutmix', type=float, help='cutmix alpha, 0 = off')
+    add(g, '--mixup-prob', name='mixup_prob', type=float, help='probability of mixup or cutmix per batch')
+    add(g, '--mixup-switch-prob', name='mixup_switch_prob', type=float, help='probability of cutmix over mixup')
+    add(g, '--mixup-mode', name='mixup_mode', choices=('batch', 'pair', 'elem'), help='how mixup params are drawn')
 
 
 def run_training(args: argparse.Namespace, layers: Sequence[int] = ()) -> int:
@@ -100,11 +121,11 @@ def run_training(args: argparse.Namespace, layers: Sequence[int] = ()) -> int:
 
 
 def train_config_from_args(args: argparse.Namespace, layers: Sequence[int] = (), **overrides) -> TrainConfig:
-    """The `TrainConfig` the flags describe (dilution of `layers`), with `overrides`."""
-    names = {f.name for f in fields(TrainConfig)} - {'layers', 'scale'} - set(overrides)
-    return TrainConfig(
-        **{k: v for k, v in vars(args).items() if k in names},
-        layers=tuple(layers), scale=tuple(args.scale) if args.scale else None, **overrides)
+    """The `TrainConfig` the flags describe (`--recipe`, then the flags given; dilution of `layers`), with
+    `overrides`."""
+    names = {f.name for f in fields(TrainConfig)} - {'layers', 'recipe'} - set(overrides)
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items() if k in names}
+    return TrainConfig(**recipe_config(args.recipe, given), layers=tuple(layers), **overrides)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -117,9 +138,10 @@ def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         'finetune', help='fine-tune a lambda (or any timm) model, with a new classifier',
         description='Fine-tune a model on a dataset: the dilution trainer without dilution. '
-                    'Give --num-classes for a new classifier; distillation is off unless --kd.')
+                    'Give --num-classes for a new classifier; distillation is off unless --kd. The default '
+                    'recipe, small, suits small downstream sets; --recipe imagenet is timm\'s DeiT recipe.')
     add_model_args(parser)
     add_data_args(parser)
     add_output_arg(parser)
-    add_train_args(parser, kd_default=False)
+    add_train_args(parser, kd_default=False, recipe='small')
     parser.set_defaults(func=_run)
