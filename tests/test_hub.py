@@ -119,7 +119,7 @@ def test_card_with_full_run(tiny_lambda, run_dir, tmp_path):
     assert '| 1 | 0 | 0.0125 | 2 (0.25) | 3 |' in text and '| 2 | 2 | 0.0375 | 1 (0.75) | 2 |' in text
     assert '27 block forwards (4.5 full-pass equivalents)' in text
     assert '| last | 4,5 | 12.5 |' in text
-    assert '![Entropy' in text and '| 3 | 4.5 | 4.6 | 5 |' in text and '(64 images of fashion-mnist)' in text
+    assert '![Entropy' in text and '| 3 | 4.5 | 4.6 | 5 |' in text and '(64 images of Fashion-MNIST)' in text
     assert 'Zero-shot (no training) top-1 with them removed: 71.25% (unmodified: 80.5%)' in text
     # accuracy: the evaluation set named, the zero-shot step shown, the figure in the model-index
     assert 'Top-1 on Fashion-MNIST, split `test` (10,000 images).' in text
@@ -129,7 +129,7 @@ def test_card_with_full_run(tiny_lambda, run_dir, tmp_path):
     assert meta['model-index'][0]['name'] == 'org/tiny-lambda'
     assert result['dataset'] == {'name': 'Fashion-MNIST', 'type': 'zalando-datasets/fashion_mnist', 'split': 'test'}
     assert result['metrics'][0]['type'] == 'accuracy' and result['metrics'][0]['value'] == 89.75
-    assert '## Dilution learning' in text and '## Fine-tuning' not in text
+    assert '## Dilution learning' in text and '\n## Fine-tuning' not in text
     assert '2 epochs on Fashion-MNIST, 1.0 min.' in text and '| 1 | 0 | 0.7 | 88.75 | 30 |' in text
     # speed: both models in one 6-column table, how it was measured, no raw samples, the noisy timings said
     assert '| model | params (M) | GFLOPs / image | throughput (images/s) | latency (ms / batch) | throughput ratio |' \
@@ -173,11 +173,12 @@ def test_card_of_a_fine_tuned_model(tiny_lambda, tmp_path):
     """A run without dilution (its config has no layers) is described as fine-tuning, with its recipe."""
     metrics = tmp_path / 'metrics.json'
     metrics.write_text(json.dumps({
-        'config': {'layers': [], 'recipe': 'small', 'val_split': 'validation', 'train_samples': 600},
+        'config': {'layers': [], 'recipe': 'small', 'train_samples': 600},
+        'data': {'dataset': 'fashion-mnist', 'train_split': 'train', 'val_split': 'validation'},
         'epochs': [{'epoch': 1, 'lam': None, 'train_loss': 0.5, 'val_top1': 97.5, 'time_s': 6.0}]}))
-    text = _card(export_model(tiny_lambda, tmp_path / 'hub', {'metrics': metrics}, datasets=['fashion-mnist'])).text
-    assert '## Fine-tuning' in text and 'Dilution learning' not in text and 'faded out' not in text
-    assert '1 epochs on Fashion-MNIST, recipe `small`, 0.1 min. A seeded subset of 600 training images.' in text
+    text = _card(export_model(tiny_lambda, tmp_path / 'hub', {'metrics': metrics})).text
+    assert '\n## Fine-tuning' in text and 'Dilution learning' not in text and 'faded out' not in text
+    assert '1 epoch on Fashion-MNIST, recipe `small`, 0.1 min. A seeded subset of 600 training images.' in text
     assert '| this model (fine-tuned) | 97.5 |' in text and 'split `test`' in text
     assert '| 1 | 0.5 | 97.5 | 6 |' in text  # no lam column
 

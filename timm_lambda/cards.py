@@ -281,7 +281,7 @@ def _fine_tuned(metrics: Mapping[str, Any]) -> bool:
 def _eval_set(summary: Mapping[str, Any], metrics: Mapping[str, Any], dataset: Optional[str]) -> Dict[str, Any]:
     """Where top-1 was measured: dataset (Hub id, name), split, number of images."""
     hub_id, name, held_out = _dataset(dataset)
-    split = summary.get('eval_split') or (metrics.get('config') or {}).get('val_split')
+    split = summary.get('eval_split') or (metrics.get('data') or {}).get('val_split')
     if split and held_out and split not in ('train', 'training'):
         split = held_out  # the dataset's own name for the held-out images
     return {'hub_id': hub_id, 'name': name, 'split': split, 'images': summary.get('eval_images')}
@@ -321,8 +321,9 @@ def _training_section(metrics: Mapping[str, Any], dataset_name: Optional[str]) -
     fine_tuned = _fine_tuned(metrics)
     total = sum(e.get('time_s') or 0 for e in epochs)
     config = metrics.get('config') or {}
-    summary = f'{len(epochs)} epochs' + (f' on {dataset_name}' if dataset_name else '') + (
-        f', recipe `{metrics["recipe"]}`' if metrics.get('recipe') else '') + (
+    summary = f'{len(epochs)} epoch{"s" if len(epochs) != 1 else ""}' + (
+        f' on {dataset_name}' if dataset_name else '') + (
+        f', recipe `{config["recipe"]}`' if config.get('recipe') else '') + (
         f', {total / 60:.1f} min' if total else '') + '.'
     if config.get('train_samples'):
         summary += f' A seeded subset of {config["train_samples"]:,} training images.'
@@ -409,7 +410,7 @@ def render_model_card(
     arch = cfg.get('architecture', type(model).__name__)
     base_arch = getattr(model, '_model_args', {}).get('base_arch')
     if not datasets:
-        named = summary.get('dataset', metrics.get('dataset', (metrics.get('config') or {}).get('dataset')))
+        named = summary.get('dataset', (metrics.get('data') or {}).get('dataset'))
         datasets = [named] if isinstance(named, str) and named else []
     eval_set = _eval_set(summary, metrics, datasets[0] if datasets else None)
     accuracy, top1 = _accuracy_section(summary, metrics, eval_set)

@@ -562,8 +562,8 @@ def _train(
         if rank == 0:
             write_json(output / 'metrics.json', {'config': asdict(config), 'epochs': trainer.metrics})
             _logger.info(_summary(record, config, trainer.optimizer.param_groups[0]['lr']))
-            if record['epoch'] == 1 and not config.kd:
-                _warn_if_chance(record['train_loss'], model.num_classes)
+            if record['epoch'] == config.warmup_epochs + 1 and not config.kd:  # the first epoch at full lr
+                _warn_if_chance(record['train_loss'], model.num_classes, record['epoch'])
 
     final = fold_model(model) if config.layers else model
     final_ema = None
@@ -582,12 +582,12 @@ def _train(
     return TrainResult(model=final, metrics=trainer.metrics, output=output, model_ema=final_ema)
 
 
-def _warn_if_chance(train_loss: float, num_classes: int) -> None:
-    """Warn when the loss after the first epoch is still about that of guessing (ln num_classes)."""
+def _warn_if_chance(train_loss: float, num_classes: int, epoch: int) -> None:
+    """Warn when the loss of the first epoch after warm-up is still about that of guessing (ln num_classes)."""
     chance = math.log(num_classes) if num_classes > 1 else 0.
     if chance and train_loss > 0.9 * chance:
         _logger.warning(
-            f'warning: the training loss after epoch 1, {train_loss:.3f}, is still about chance (ln {num_classes} = '
+            f'warning: the training loss of epoch {epoch}, {train_loss:.3f}, is still about chance (ln {num_classes} = '
             f'{chance:.3f}): the model is not learning. For a small dataset try `--recipe small`; else check --lr '
             f'and the augmentation (--aa, --mixup, --cutmix, --reprob).')
 

@@ -4,14 +4,17 @@ Also holds the training flags `dilute` and `convert` share (named as in timm's t
 flags a recipe sets (`recipes.RECIPE_FIELDS`) have no argparse default, so an unset one takes the recipe's value.
 """
 import argparse
+import json
 import logging
 import os
+from pathlib import Path
 from dataclasses import fields
 from typing import Any, Dict, Optional, Sequence
 
 import torch
 import timm
 
+from ..atomic import write_json
 from ..data import create_dataset
 from ..recipes import RECIPE_FIELDS, RECIPES, describe_recipes, recipe_config
 from ..train import SCHEDULERS, TrainConfig, train
@@ -116,7 +119,12 @@ def run_training(args: argparse.Namespace, layers: Sequence[int] = ()) -> int:
         teacher = timm.create_model(args.teacher, pretrained=True)
     train_dataset = create_dataset(args.dataset, args.data_dir, split=args.train_split, is_training=True)
     val_dataset = create_dataset(args.dataset, args.data_dir, split=args.val_split)
-    train(model, train_dataset, val_dataset, train_config_from_args(args, layers), teacher=teacher)
+    result = train(model, train_dataset, val_dataset, train_config_from_args(args, layers), teacher=teacher)
+    if int(os.environ.get('RANK', 0)) == 0:  # the data the figures are on, for model cards
+        metrics = result.output / 'metrics.json'
+        data = dict(dataset=args.dataset or Path(args.data_dir).name, train_split=args.train_split,
+                    val_split=args.val_split)
+        write_json(metrics, dict(json.loads(metrics.read_text()), data=data))
     return 0
 
 
