@@ -229,8 +229,8 @@ def _entropy_section(entropy: Optional[Any], plot: bool) -> str:
     calibration = ''
     if isinstance(entropy, dict) and entropy.get('num_images'):
         named = _dataset(entropy.get('dataset'))[1]
-        calibration = f' ({entropy["num_images"]} images' + (f' of {named}' if named else '') + (
-            f', split `{entropy["split"]}`' if entropy.get('split') else '') + ')'
+        calibration = f': {entropy["num_images"]} images' + (f' of {named}' if named else '') + (
+            f', split `{entropy["split"]}`' if entropy.get('split') else '')
     return _section(
         'entropy.md', calibration=calibration,
         plot=f'![Entropy of attention and MLP outputs per block]({PLOT_NAME})\n\n' if plot else '',
@@ -327,6 +327,10 @@ def _training_section(metrics: Mapping[str, Any], dataset_name: Optional[str]) -
         f', {total / 60:.1f} min' if total else '') + '.'
     if config.get('train_samples'):
         summary += f' A seeded subset of {config["train_samples"]:,} training images.'
+    if not fine_tuned:
+        summary += ' lam is the value at the end of each epoch' + (
+            f'; it reached 0 after {config["dilution_frac"]:.0%} of the steps, and the remaining steps trained the '
+            f'MLP-only blocks.' if config.get('dilution_frac') is not None else '.')
     if len(epochs) > _MAX_EPOCH_ROWS:
         step = (len(epochs) - 1) / (_MAX_EPOCH_ROWS - 1)
         epochs = [epochs[round(i * step)] for i in range(_MAX_EPOCH_ROWS)]
@@ -350,7 +354,8 @@ def _speed_section(bench: Optional[Mapping[str, Any]], path: Optional[Path]) -> 
             'throughput (images/s)': f'{r["throughput"]:,.1f}', 'latency (ms / batch)': f'{r["latency_ms"]:,.1f}',
             'throughput ratio': f'**{ratio:.2f}x**' if ratio is not None else '1 (baseline)'})
     m = bench['machine']
-    hardware = m.get('gpu') or f'{m.get("cpu", "CPU")}, {m.get("torch_threads")} torch thread(s)'
+    threads = m.get('torch_threads')
+    hardware = m.get('gpu') or f'{m.get("cpu", "CPU")}, {threads} torch thread{"s" if threads != 1 else ""}'
     precision = 'bf16 autocast' if bench.get('amp') else 'fp32'
     how = (f'Batch {bench["batch_size"]}, {str(m["device"]).split(":")[0].upper()} ({hardware}), {precision}'
            + (', torch.compile' if bench.get('compile') else '') + f'; torch {m.get("torch")}, timm {m.get("timm")}. '
