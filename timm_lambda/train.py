@@ -596,10 +596,10 @@ def _summary(record: Dict[str, Any], config: TrainConfig, lr: float) -> str:
     epochs = config.epochs
     parts = [f'epoch {record["epoch"]}/{epochs}']
     if record['lam'] is not None:
-        parts.append(f'lam {record["lam"]:.4f}')
-        if record['lam'] == 0 and record['epoch'] < epochs:
-            parts.append(f'(attention removed after {config.dilution_frac:.0%} of the steps, --dilution-frac; '
-                         f'the lambda model trains on)')
+        done = record['lam'] == 0 and record['epoch'] < epochs
+        parts.append(f'lam {record["lam"]:.4f}' + (
+            f' (attention removed after {config.dilution_frac:.0%} of the steps, --dilution-frac; the lambda model '
+            f'trains on)' if done else ''))
     parts.append(f'train_loss {record["train_loss"]:.4f}')
     if record['val_top1'] is not None:
         parts.append(f'val_top1 {record["val_top1"]:.2f}')
