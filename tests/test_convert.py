@@ -85,3 +85,21 @@ def test_card_is_fit_to_publish(converted):
     assert "timm.create_model('hf-hub:org/tiny-lambda', pretrained=True)" in card and 'ORG/NAME' not in card
     assert 'Top-1 on Fashion-MNIST, split `test` (128 images)' in card and '(zero-shot)' in card
     assert 'model-index:' in card and 'split: test' in card
+
+
+def test_help_shows_the_defaults_it_uses(capsys):
+    """`convert --help` states the values a bare `convert` runs with (its own defaults and its recipe's)."""
+    import re
+    from timm_lambda.cli import build_parser
+    from timm_lambda.cli.finetune import train_config_from_args
+    with pytest.raises(SystemExit):
+        main(['convert', '--help'])
+    text = ' '.join(capsys.readouterr().out.split())
+    assert '%%' not in text and '40% of the attention layers' in text
+    args = build_parser().parse_args(['convert'])
+    config = train_config_from_args(args, (0,), output='x')
+    assert f'batch size (default: {args.batch_size})' in text and f'(default: {args.num_images})' in text
+    for flag, field in (('--epochs', 'epochs'), ('--lr', 'lr'), ('--train-samples', 'train_samples'),
+                        ('--smoothing', 'smoothing'), ('--no-aug', 'no_aug')):
+        shown = re.search(rf'(?<!\[){flag}( [A-Z_]+)? [^\[]*?convert: ([^,)\s]+)', text).group(2)
+        assert shown == str(getattr(config, field)), flag
