@@ -125,6 +125,8 @@ def run(args: argparse.Namespace) -> int:
     print(f'top-1  before {top1_before:.2f}   zero-shot {top1_zero_shot:.2f}   after dilution {top1_after:.2f}')
     print(f'params {summary["params_before"]:,} -> {summary["params_after"]:,}   '
           f'speedup x{summary["speedup"]:.3f} (throughput, batch {args.bench_batch_size}, {device.type})')
+    if bench['noisy']:
+        print(f'warning: noisy timings ({", ".join(bench["noisy"])}): the speedup is rough (bench/bench.md)')
     print(f'wrote {summary_path} ({summary["time_s"]:.0f} s)')
     return 0
 
