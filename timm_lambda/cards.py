@@ -284,8 +284,7 @@ def _eval_set(summary: Mapping[str, Any], metrics: Mapping[str, Any], dataset: O
     split = summary.get('eval_split') or (metrics.get('data') or {}).get('val_split')
     if split and held_out and split not in ('train', 'training'):
         split = held_out  # the dataset's own name for the held-out images
-    images = summary.get('eval_images') or (metrics.get('config') or {}).get('val_samples')  # None: all of them
-    return {'hub_id': hub_id, 'name': name, 'split': split, 'images': images}
+    return {'hub_id': hub_id, 'name': name, 'split': split, 'images': summary.get('eval_images')}
 
 
 def _accuracy_section(summary: Mapping[str, Any], metrics: Mapping[str, Any], eval_set: Mapping[str, Any]) -> \
