@@ -29,7 +29,7 @@ def _none_or_str(value: str) -> Optional[str]:
     return None if value.lower() in ('', 'none') else value
 
 
-def add_train_args(parser: argparse.ArgumentParser, kd_default: bool, recipe: str) -> None:
+def add_train_args(parser: argparse.ArgumentParser, kd_default: bool, recipe: str = 'imagenet') -> None:
     """The trainer's flags; `kd_default` turns distillation on (dilute) or off (finetune) by default, `recipe` is
     the default `--recipe`."""
     d = TrainConfig('')
