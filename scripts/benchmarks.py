@@ -51,12 +51,16 @@ def _section(key: str, runs, command: str) -> str:
         ratio = r['ratios'][name]
 
         def thr(x):
-            return f'{x["throughput"]:,.1f} ({x["throughput_iqr"][0]:,.1f}-{x["throughput_iqr"][1]:,.1f})'
+            return f'{x["throughput"]:,.1f} ({x["throughput_iqr"][0]:,.1f}-{x["throughput_iqr"][1]:,.1f})' + (
+                ' noisy' if x.get('noisy') else '')
 
         lines.append(
             f'| {name} | {base} | {r["batch_size"]} | {res["params"] / 1e6:.2f} / {bres["params"] / 1e6:.2f} | '
             f'{res["flops_per_image"] / 1e9:.2f} / {bres["flops_per_image"] / 1e9:.2f} | {thr(res)} | {thr(bres)} | '
             f'**{ratio["throughput"]:.3f}** |')
+    if any(r.get('noisy') for r in runs):
+        lines += ['', f'"noisy": the IQR is over {runs[0]["noisy_spread"]:.0%} of the median (a busy machine); '
+                      f'treat those ratios as rough.']
     lines.append(f'<!-- bench:{key}:end -->')
     return '\n'.join(lines)
 

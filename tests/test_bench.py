@@ -94,3 +94,31 @@ def test_cli_single_model_and_errors(capsys):
     assert 'throughput ratio' not in capsys.readouterr().out
     assert main(['bench', '--model', 'not_a_model', '--repeats', '1']) == 2
     assert 'Unknown model' in capsys.readouterr().err
+
+
+def test_wide_spread_is_flagged_in_results_table_and_plot(pair, tmp_path):
+    """A model whose timings vary 10x between rounds (what a busy machine does) is flagged as noisy."""
+    import copy
+    import time
+    from timm_lambda.bench import write_results
+    jittery = copy.deepcopy(pair['lambda'])
+    calls = []
+
+    def stall(module, args):
+        calls.append(1)
+        time.sleep(0.02 if len(calls) % 2 else 0.002)
+    jittery.register_forward_pre_hook(stall)
+    results = compare_models({'jittery': jittery, 'base': pair['base']}, batch_size=1, warmup=0, repeats=6,
+                             min_seconds=0)
+    r = results['models']['jittery']
+    lo, hi = r['throughput_iqr']
+    assert r['spread'] == pytest.approx((hi - lo) / r['throughput']) and r['spread'] > results['noisy_spread']
+    assert r['noisy'] and 'jittery' in results['noisy']
+    text = format_markdown(results)
+    assert '**Warning: noisy timings** for jittery' in text
+    # the headline ratio and the table's medians: each says how it is computed
+    ratio = results['ratios']['jittery']
+    assert f'**{ratio["throughput"]:.3f}**' in text and 'median of the per-round ratios' in text
+    assert f'ratio of the table\'s medians is {ratio["throughput_of_medians"]:.3f}' in text
+    paths = write_results(results, tmp_path)
+    assert json.loads(open(paths['json']).read())['noisy'] == results['noisy']

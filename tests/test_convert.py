@@ -21,7 +21,7 @@ def converted(tmp_path_factory):
     kwargs = [f'{k}={v}' for k, v in TINY_VIT_KWARGS.items()]
     rc = main(['convert', '--model', TINY_VIT, '--model-kwargs', *kwargs, '--remove', '2', '--num-images', '64',
                '--train-samples', '256', '--val-samples', '128', '--epochs', '1', '--bench-repeats', '2',
-               '--output', str(out)])
+               '--repo', 'org/tiny-lambda', '--output', str(out)])
     assert rc == 0
     return out
 
@@ -69,3 +69,37 @@ def test_reference_model_is_shipped_and_trained():
     with torch.no_grad():
         top1 = 100.0 * (model(x).argmax(-1) == data.targets[:500]).float().mean().item()
     assert abs(top1 - training['test_top1']) < 4.0  # 500 images of the 10k the recorded figure was measured on
+
+
+def test_card_is_fit_to_publish(converted):
+    """The default card: no local path, a speed table of 6 columns, the evaluation named, the repo's snippet."""
+    card = (converted / 'export' / 'README.md').read_text()
+    config = (converted / 'export' / 'config.json').read_text()
+    for text in (card, config):
+        assert str(converted) not in text and '/tmp' not in text and str(Path.home()) not in text
+    speed = card[card.index('## Speed'):].split('\n## ')[0]
+    rows = [line for line in speed.splitlines() if line.startswith('|')]
+    assert len(rows) == 4 and all(line.count('|') == 7 for line in rows)  # header, rule, 2 models; 6 columns
+    assert 'throughput_samples' not in card
+    assert '# Model card for tiny-lambda' in card
+    assert "timm.create_model('hf-hub:org/tiny-lambda', pretrained=True)" in card and 'ORG/NAME' not in card
+    assert 'Top-1 on Fashion-MNIST, split `test` (128 images)' in card and '(zero-shot)' in card
+    assert 'model-index:' in card and 'split: test' in card
+
+
+def test_help_shows_the_defaults_it_uses(capsys):
+    """`convert --help` states the values a bare `convert` runs with (its own defaults and its recipe's)."""
+    import re
+    from timm_lambda.cli import build_parser
+    from timm_lambda.cli.finetune import train_config_from_args
+    with pytest.raises(SystemExit):
+        main(['convert', '--help'])
+    text = ' '.join(capsys.readouterr().out.split())
+    assert '%%' not in text and '40% of the attention layers' in text
+    args = build_parser().parse_args(['convert'])
+    config = train_config_from_args(args, (0,), output='x')
+    assert f'batch size (default: {args.batch_size})' in text and f'(default: {args.num_images})' in text
+    for flag, field in (('--epochs', 'epochs'), ('--lr', 'lr'), ('--train-samples', 'train_samples'),
+                        ('--smoothing', 'smoothing'), ('--no-aug', 'no_aug')):
+        shown = re.search(rf'(?<!\[){flag}( [A-Z_]+)? [^\[]*?convert: ([^,)\s]+)', text).group(2)
+        assert shown == str(getattr(config, field)), flag

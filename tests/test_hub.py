@@ -19,8 +19,9 @@ import timm
 import timm_lambda
 from timm_lambda.cli import main
 from conftest import TINY_VIT, TINY_VIT_KWARGS
-from timm_lambda.hub import (
-    ExportError, export_model, find_run_files, load_export, push_export)
+from timm_lambda import hub
+from timm_lambda.cards import find_run_files
+from timm_lambda.hub import ExportError, export_model, load_export, push_export, save_model_dir
 
 # a 1x1 PNG: the card only links the plot, it does not read it
 PNG = bytes.fromhex(
@@ -41,12 +42,22 @@ RUN = {
     'metrics.json': {'epochs': [
         {'epoch': 0, 'lam': 0.5, 'train_loss': 0.9, 'val_top1': 85.5, 'time_s': 30.0},
         {'epoch': 1, 'lam': 0.0, 'train_loss': 0.7, 'val_top1': 88.75, 'time_s': 30.0}]},
-    'bench.json': {'device': 'cpu', 'results': [
-        {'model': 'vit_tiny', 'throughput': 1234.25, 'latency_ms': 3.25},
-        {'model': 'vit_tiny_lambda', 'throughput': 1500.25, 'latency_ms': 2.75}]},
+    'bench.json': {  # as `bench.compare_models` writes it
+        'batch_size': 8, 'amp': False, 'compile': False, 'warmup': 3, 'repeats': 10, 'baseline': 'original',
+        'machine': {'device': 'cpu', 'cpu': 'AMD EPYC', 'cpu_count': 2, 'torch_threads': 1, 'torch': '2.9',
+                    'timm': '1.0'},
+        'noisy_spread': 0.1, 'noisy': ['original'],
+        'models': {
+            'converted': {'params': 1_500_000, 'flops_per_image': 2.5e8, 'throughput': 1500.25, 'latency_ms': 5.25,
+                          'throughput_iqr': [1490.0, 1510.0], 'throughput_samples': [1499.125] * 10, 'noisy': False},
+            'original': {'params': 2_000_000, 'flops_per_image': 3e8, 'throughput': 1234.25, 'latency_ms': 6.5,
+                         'throughput_iqr': [1000.0, 1300.0], 'throughput_samples': [1233.125] * 10, 'noisy': True}},
+        'ratios': {'converted': {'baseline': 'original', 'throughput': 1.25, 'throughput_of_medians': 1.2155}}},
     'summary.json': {
         'top1_before': 90.5, 'top1_after': 89.75, 'mlp_only_layers': [0, 2], 'params_before': 2_000_000,
-        'params_after': 1_500_000, 'speedup': 1.25, 'dataset': 'fashion-mnist', 'base_model': 'org/base-vit'},
+        'params_after': 1_500_000, 'speedup': 1.25, 'dataset': 'fashion-mnist', 'base_model': 'org/base-vit',
+        'top1_zero_shot': 40.25, 'eval_split': 'validation', 'eval_images': 10000, 'model': 'local-dir:/home/me/vit',
+        'files': {'bench': '/home/me/runs/convert/bench/bench.json'}},
 }
 
 
@@ -108,11 +119,25 @@ def test_card_with_full_run(tiny_lambda, run_dir, tmp_path):
     assert '| 1 | 0 | 0.0125 | 2 (0.25) | 3 |' in text and '| 2 | 2 | 0.0375 | 1 (0.75) | 2 |' in text
     assert '27 block forwards (4.5 full-pass equivalents)' in text
     assert '| last | 4,5 | 12.5 |' in text
-    assert '![Entropy' in text and '| 3 | 4.5 | 4.6 | 5 |' in text and '(64 images of fashion-mnist)' in text
+    assert '![Entropy' in text and '| 3 | 4.5 | 4.6 | 5 |' in text
+    assert 'calibration images: 64 images of Fashion-MNIST' in text
     assert 'Zero-shot (no training) top-1 with them removed: 71.25% (unmodified: 80.5%)' in text
-    assert '| top-1 (%) | 90.5 | 89.75 |' in text and '| params (M) | 2 | 1.5 |' in text
-    assert '2 epochs, 1.0 min.' in text and '| 1 | 0 | 0.7 | 88.75 | 30 |' in text
-    assert '1.25x' in text and '| vit_tiny_lambda | 1,500 | 2.75 |' in text
+    # accuracy: the evaluation set named, the zero-shot step shown, the figure in the model-index
+    assert 'Top-1 on Fashion-MNIST, split `test` (10,000 images).' in text
+    assert '| original | 90.5 | 2.00 |' in text and '| attention removed, before training (zero-shot) | 40.25 |' in text
+    assert '| this model (after dilution) | 89.75 | 1.50 |' in text
+    (result,) = meta['model-index'][0]['results']
+    assert meta['model-index'][0]['name'] == 'org/tiny-lambda'
+    assert result['dataset'] == {'name': 'Fashion-MNIST', 'type': 'zalando-datasets/fashion_mnist', 'split': 'test'}
+    assert result['metrics'][0]['type'] == 'accuracy' and result['metrics'][0]['value'] == 89.75
+    assert '## Dilution learning' in text and '\n## Fine-tuning' not in text
+    assert '2 epochs on Fashion-MNIST, 1.0 min.' in text and '| 1 | 0 | 0.7 | 88.75 | 30 |' in text
+    # speed: both models in one 6-column table, how it was measured, no raw samples, the noisy timings said
+    assert '| model | params (M) | GFLOPs / image | throughput (images/s) | latency (ms / batch) | throughput ratio |' \
+        in text
+    assert '| converted | 1.50 | 0.25 | 1,500.2 | 5.2 | **1.25x** |' in text and '| 1 (baseline) |' in text
+    assert 'Batch 8, CPU (AMD EPYC, 1 torch thread), fp32' in text and 'median of the per-round ratios' in text
+    assert 'timings of original spread widely' in text and '1499.125' not in text
     assert "timm.create_model('hf-hub:org/tiny-lambda', pretrained=True)" in text and 'import timm_lambda' in text
     assert 'timm-lambda finetune --model hf-hub:org/tiny-lambda' in text
     assert 'arxiv.org/abs/2404.05657' in text and 'Lin, Sihao' in text
@@ -129,8 +154,8 @@ def test_card_with_partial_run(tiny_lambda, run_dir, tmp_path, kinds):
     assert card.data.to_dict()['datasets'] == ['imagenet-1k'] and 'base_model' not in card.data.to_dict()
     assert '**Weights:** trained by hand' in text and "hf-hub:ORG/NAME" in text
     assert ('### NOSE selection' in text) == ('selection' in kinds)
-    assert ('## Speed' in text) == ('bench' in kinds) and '1.25x' not in text
-    assert ('| top-1 (%) after dilution | 88.75 |' in text) == ('metrics' in kinds)
+    assert ('## Speed' in text) == ('bench' in kinds) == ('**1.25x**' in text)
+    assert ('| this model (after dilution) | 88.75 |' in text) == ('metrics' in kinds)
     assert '![Entropy' not in text and not (out / 'entropy.png').exists()
     assert ('No selection record' in text) == ('selection' not in kinds)
 
@@ -143,6 +168,99 @@ def test_card_rejects_run_files_of_another_model(tiny_lambda, run_dir, tmp_path)
     with pytest.raises(ValueError, match='not valid JSON'):
         export_model(tiny_lambda, tmp_path / 'hub', {'summary': run_dir / 'summary.json'})
     assert not (tmp_path / 'hub').exists()
+
+
+def test_card_of_a_fine_tuned_model(tiny_lambda, tmp_path):
+    """A run without dilution (its config has no layers) is described as fine-tuning, with its recipe."""
+    metrics = tmp_path / 'metrics.json'
+    metrics.write_text(json.dumps({
+        'config': {'layers': [], 'recipe': 'small', 'train_samples': 600},
+        'data': {'dataset': 'fashion-mnist', 'train_split': 'train', 'val_split': 'validation'},
+        'epochs': [{'epoch': 1, 'lam': None, 'train_loss': 0.5, 'val_top1': 97.5, 'time_s': 6.0}]}))
+    text = _card(export_model(tiny_lambda, tmp_path / 'hub', {'metrics': metrics})).text
+    assert '\n## Fine-tuning' in text and 'Dilution learning' not in text and 'faded out' not in text
+    assert '1 epoch on Fashion-MNIST, recipe `small`, 0.1 min. A seeded subset of 600 training images.' in text
+    assert '| this model (fine-tuned) | 97.5 |' in text and 'split `test`' in text
+    assert '| 1 | 0.5 | 97.5 | 6 |' in text  # no lam column
+
+
+def test_card_config_and_run_files_name_no_local_path(tiny_vit, run_dir, tmp_path):
+    """Sources and run files from local folders: the card, config.json and the copied run files name none."""
+    source = tmp_path / 'models' / 'my-vit'
+    summary = json.loads((run_dir / 'summary.json').read_text())
+    summary.update(model=f'local-dir:{source}', files={'entropy': str(run_dir / 'profile' / 'entropy.json')})
+    (run_dir / 'summary.json').write_text(json.dumps(summary))
+    save_model_dir(tiny_vit, source)
+    model = timm_lambda.create_lambda_model(timm.create_model(f'local-dir:{source}', pretrained=True), '0,2')
+    assert str(source) in model.pretrained_cfg['file']
+    out = export_model(model, tmp_path / 'hub', find_run_files(run_dir),
+                       weights=f'converted from `local-dir:{source}` by `timm-lambda convert`')
+    for path in [p for p in out.rglob('*') if p.is_file() and p.suffix in ('.md', '.json')]:
+        text = path.read_text()
+        assert str(tmp_path) not in text and '/home/me' not in text, path
+    card = (out / 'README.md').read_text()
+    assert '**Weights:** converted from `local-dir:my-vit` by `timm-lambda convert`' in card
+    assert json.loads((out / 'run' / 'summary.json').read_text())['model'] == 'local-dir:my-vit'
+    assert 'https://arxiv.org/abs/2404.05657' in card  # URLs are not paths
+
+
+_KILL_BETWEEN_RENAMES = textwrap.dedent('''
+    import os, sys, torch, timm, timm_lambda
+    from timm_lambda import hub
+    model = timm_lambda.create_lambda_model(timm.create_model(sys.argv[2], **eval(sys.argv[3])), '0,2')
+    hub._exchange = lambda a, b: False  # the two-rename swap of systems without an atomic exchange
+    replace = os.replace
+    def replace_then_die(src, dst):
+        replace(src, dst)
+        if os.path.isdir(dst):  # the previous export is parked; the new one is not in place yet
+            os._exit(9)  # a kill: no clean-up runs
+    hub.os.replace = replace_then_die
+    hub.export_model(model, sys.argv[1], weights='the new export')
+''')
+
+
+def test_export_killed_between_renames_keeps_the_previous_export(export_dir, tmp_path):
+    """A run killed after the old export is moved aside and before the new one is in: the next run puts the old
+    one back (nothing lost) and removes what the killed run left."""
+    before = _snapshot(export_dir)
+    proc = subprocess.run([sys.executable, '-c', _KILL_BETWEEN_RENAMES, str(export_dir), TINY_VIT,
+                           repr(TINY_VIT_KWARGS)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 9, proc.stderr
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith('.export.')]
+    assert leftovers, 'the kill left no parked export'
+    torch.manual_seed(0)
+    model = timm_lambda.create_lambda_model(timm.create_model(TINY_VIT, **TINY_VIT_KWARGS), '0,2')
+    with pytest.raises(ValueError, match='not valid JSON'):  # a next run that fails after its clean-up
+        (tmp_path / 'bad.json').write_text('{')
+        export_model(model, export_dir, {'summary': tmp_path / 'bad.json'})
+    assert _snapshot(export_dir) == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith('.export.')]
+    export_model(model, export_dir, weights='the new export')
+    assert 'the new export' in (export_dir / 'README.md').read_text()
+
+
+def test_export_swap_is_atomic_and_leftovers_are_removed(export_dir, tmp_path, monkeypatch):
+    """The swap is one exchange: if it is interrupted right after, the folder holds the new export and the
+    previous one, left in a temporary sibling, is removed by the next run."""
+    torch.manual_seed(0)
+    model = timm_lambda.create_lambda_model(timm.create_model(TINY_VIT, **TINY_VIT_KWARGS), '0,2')
+    stale = tmp_path / '.export.export-999999999-abc'  # a killed run's half-built export (no such process)
+    stale.mkdir()
+    (stale / 'model.safetensors').write_bytes(b'half')
+    real_exchange = hub._exchange
+
+    def exchange_then_interrupt(a, b):
+        if not real_exchange(a, b):
+            pytest.skip('this file system has no atomic exchange')
+        raise KeyboardInterrupt  # right after the swap
+    monkeypatch.setattr(hub, '_exchange', exchange_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        export_model(model, export_dir, weights='the new export')
+    monkeypatch.undo()
+    assert 'the new export' in (export_dir / 'README.md').read_text()
+    export_model(model, export_dir, weights='the third export')
+    assert 'the third export' in (export_dir / 'README.md').read_text()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith('.export.')]
 
 
 def test_export_folder_rules(tiny_vit, tiny_lambda, run_dir, tmp_path):

@@ -248,3 +248,15 @@ def test_lambda_instance_gains_layers_and_pretrained_instance_raises():
         create_lambda_model(first, [1], skip_factor=1.0)
     with pytest.raises(ValueError, match='`pretrained` applies to a model name'):
         create_lambda_model(base, [0], pretrained=True)
+
+
+@pytest.mark.parametrize('name', ['deit_tiny_lambda25', 'deit_base_lambda40'])
+def test_pretrained_without_weights_says_how_to_get_them(name):
+    """No weights are bundled: the error names the authors' README, import-official and the local-dir: load."""
+    with pytest.raises(RuntimeError) as e:
+        timm.create_model(name, pretrained=True)
+    message = str(e.value)
+    assert 'github.com/sihaoevery/lambda_vit' in message
+    assert f'timm-lambda import-official' in message and f'--arch {name}' in message
+    assert "timm.create_model('local-dir:DIR', pretrained=True)" in message
+    assert '\n' not in message  # one line on the command line too

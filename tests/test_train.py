@@ -236,3 +236,49 @@ def test_a_lambda_export_loses_more_attention(tmp_path):
     assert config['architecture'] == 'vit_lambda' and config['model_args']['mlp_only_layers'] == sorted([0, 3, added])
     model = timm.create_model(f'local-dir:{out}', pretrained=True)
     assert [i for i, b in enumerate(model.blocks) if isinstance(b, MlpOnlyBlock)] == sorted([0, 3, added])
+
+
+def _parse(*argv: str):
+    from timm_lambda.cli import build_parser
+    return build_parser().parse_args(list(argv))
+
+
+def test_recipes_set_defaults_and_flags_override_them():
+    from timm_lambda.cli.finetune import train_config_from_args
+    from timm_lambda.recipes import RECIPES
+    common = ['--model', TINY_VIT, '--output', 'x']
+    small = train_config_from_args(_parse('finetune', *common))
+    assert small.recipe == 'small' and small.aa is None and small.mixup == small.cutmix == small.reprob == 0
+    assert small.lr_base == RECIPES['small']['lr_base'] and small.scale == (0.5, 1.0)
+    imagenet = train_config_from_args(_parse('finetune', *common, '--recipe', 'imagenet', '--mixup', '0.2'))
+    assert imagenet.aa == TrainConfig('').aa and imagenet.cutmix == 1.0 and imagenet.mixup == 0.2
+    assert imagenet.scale is None
+    dilute = train_config_from_args(_parse('dilute', *common, '--layers', '0', '--aa', 'none', '--scale', '0.2', '1'))
+    assert dilute.recipe == 'default' and dilute.aa is None and dilute.scale == (0.2, 1.0)
+    assert dilute.mixup == TrainConfig('').mixup
+    convert = train_config_from_args(_parse('convert', '--epochs', '3'))
+    assert convert.recipe == 'default' and convert.epochs == 3 and convert.no_aug and convert.train_samples == 20000
+
+
+def test_finetune_writes_resolved_config_and_warns_at_chance(tmp_path, caplog):
+    """A learning rate that cannot move the model: the loss stays at chance and the trainer says so."""
+    out = tmp_path / 'ft'
+    with caplog.at_level('WARNING'):
+        assert main(['finetune', *MODEL_ARGS, '--dataset', 'fashion-mnist', '--lr', '1e-12', '--warmup-epochs', '0',
+                     '--smoothing', '0.2', '--train-samples', '64', '--val-samples', '16', '-b', '16', '--epochs', '1',
+                     '-j', '0', '--output', str(out)]) == 0
+    assert 'still about chance (ln 10 = 2.303)' in caplog.text and '--recipe small' in caplog.text
+    metrics = json.loads((out / 'metrics.json').read_text())
+    config = metrics['config']
+    assert config['recipe'] == 'small' and config['smoothing'] == 0.2 and config['lr'] == 1e-12
+    assert config['aa'] is None and config['mixup'] == 0 and config['scale'] == [0.5, 1.0]
+    assert metrics['data'] == {'dataset': 'fashion-mnist', 'train_split': 'train', 'val_split': 'validation'}
+
+
+def test_epoch_line_explains_lam_zero_before_the_last_epoch():
+    from timm_lambda.train import _summary
+    config = TrainConfig('x', epochs=4, layers=(0,), dilution_frac=0.5)
+    record = {'epoch': 2, 'lam': 0.0, 'train_loss': 0.5, 'val_top1': 90.0, 'time_s': 1.0}
+    assert 'lam 0.0000 (attention gone after 50% of the schedule, --dilution-frac' in _summary(record, config, 1e-3)
+    assert '--dilution-frac' not in _summary(dict(record, epoch=4), config, 1e-3)
+    assert '--dilution-frac' not in _summary(dict(record, lam=0.25), config, 1e-3)

@@ -2,7 +2,9 @@
 
 Models are timed alternately (round-robin, the order rotating each round) after a shared warm-up, so that
 a machine whose load changes during the run slows every model alike; medians are reported, and the
-throughput ratio of two models is the median of their per-round ratios.
+throughput ratio of two models is the median of their per-round ratios (the ratio of the medians is reported
+beside it). A model whose timings spread widely (interquartile range over `NOISY_SPREAD` of the median: a busy
+machine) is flagged `noisy` in the results, the table and the plot.
 """
 import json
 import os
@@ -22,7 +24,10 @@ from timm.models import get_model_input_config
 from .evaluate import autocast
 
 __all__ = ['compare_models', 'count_params', 'count_flops', 'machine_info', 'format_markdown', 'plot_results',
-           'write_results']
+           'write_results', 'NOISY_SPREAD']
+
+# relative spread (IQR / median) of a model's timings above which its figures are flagged as noisy
+NOISY_SPREAD = 0.10
 
 
 def count_params(model: nn.Module) -> int:
@@ -171,9 +176,13 @@ def compare_models(
     for name in names:
         throughput = [batch_size / s for s in seconds[name]]
         latency = [1000 * s for s in seconds[name]]
+        lo, hi = _iqr(throughput)
+        spread = (hi - lo) / statistics.median(throughput)
         results[name].update(
             throughput=statistics.median(throughput),
-            throughput_iqr=list(_iqr(throughput)),
+            throughput_iqr=[lo, hi],
+            spread=spread,
+            noisy=spread > NOISY_SPREAD,
             latency_ms=statistics.median(latency),
             latency_iqr_ms=list(_iqr(latency)),
             throughput_samples=throughput,
@@ -188,6 +197,7 @@ def compare_models(
         ratios[name] = {
             'baseline': baseline,
             'throughput': statistics.median(paired),
+            'throughput_iqr': list(_iqr(paired)),
             'throughput_of_medians': results[name]['throughput'] / base['throughput'],
             'latency': results[name]['latency_ms'] / base['latency_ms'],
             'params': results[name]['params'] / base['params'],
@@ -201,6 +211,8 @@ def compare_models(
         'repeats': repeats,
         'baseline': baseline,
         'machine': machine_info(device),
+        'noisy_spread': NOISY_SPREAD,
+        'noisy': [name for name in names if results[name]['noisy']],
         'models': results,
         'ratios': ratios,
     }
@@ -233,9 +245,16 @@ def format_markdown(results: Dict[str, Any], command: Optional[str] = None) -> s
             f'{r["throughput"]:,.1f} ({lo:,.1f}-{hi:,.1f}) | {r["latency_ms"]:,.1f} | {_fmt_mem(r["peak_memory_mb"])} |')
     lines.append('')
     for name, ratio in results['ratios'].items():
+        lo, hi = ratio['throughput_iqr']
         lines.append(
-            f'throughput ratio {name}/{ratio["baseline"]}: **{ratio["throughput"]:.3f}** '
-            f'(params {ratio["params"]:.3f}, FLOPs {ratio["flops"]:.3f})')
+            f'throughput ratio {name}/{ratio["baseline"]}: **{ratio["throughput"]:.3f}** ({lo:.3f}-{hi:.3f}), the '
+            f'median of the per-round ratios; the ratio of the table\'s medians is '
+            f'{ratio["throughput_of_medians"]:.3f} (params {ratio["params"]:.3f}, FLOPs {ratio["flops"]:.3f})')
+    if results['noisy']:
+        lines.append(
+            f'**Warning: noisy timings** for {", ".join(results["noisy"])}: the interquartile range is over '
+            f'{results["noisy_spread"]:.0%} of the median (a busy machine?); treat the figures as rough, and re-run '
+            f'on a quiet machine or with more --repeats.')
     if results['machine']['device'].startswith('cpu'):
         lines.append('(peak memory is measured on CUDA only)')
     return '\n'.join(lines) + '\n'
@@ -252,9 +271,11 @@ def plot_results(results: Dict[str, Any], path: os.PathLike) -> Path:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(4 + 1.6 * len(names), 4))
     thr = [r['throughput'] for r in rs]
     err = [[t - r['throughput_iqr'][0] for t, r in zip(thr, rs)], [r['throughput_iqr'][1] - t for t, r in zip(thr, rs)]]
-    ax1.bar(names, thr, yerr=err, capsize=4, color='tab:blue')
+    noisy = [r.get('noisy', False) for r in rs]
+    ax1.bar(names, thr, yerr=err, capsize=4, color=['tab:red' if n else 'tab:blue' for n in noisy])
     ax1.set_ylabel('images / s')
-    ax1.set_title(f'throughput, batch {results["batch_size"]} ({results["machine"]["device"]})')
+    ax1.set_title(f'throughput, batch {results["batch_size"]} ({results["machine"]["device"]})'
+                  + ('\nNOISY (red): wide spread, a busy machine' if any(noisy) else ''))
     ax2.bar(names, [r['flops_per_image'] / 1e9 for r in rs], color='tab:orange')
     ax2.set_ylabel('GFLOPs / image')
     ax2.set_title('compute')

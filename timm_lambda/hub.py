@@ -1,22 +1,24 @@
-"""Publishing lambda models: timm's Hub folder format, model cards, checks, loading and pushing.
+"""Publishing lambda models: timm's Hub folder format, export, checks, loading and pushing.
 
 An export folder holds `model.safetensors` + `config.json` (timm's `save_for_hf` format, so
 `timm.create_model('local-dir:DIR')` / `'hf-hub:ORG/NAME'` re-create the model once `timm_lambda` is
-imported), `README.md` (a model card rendered from the templates in `hub_cards/`) and, when a run
-produced them, `entropy.png` and the run's JSON files under `run/`.
+imported), `README.md` (the model card, `timm_lambda.cards`) and, when a run produced them, `entropy.png`
+and the run's JSON files under `run/`.
 """
-import importlib.metadata
+import ctypes
+import errno
 import json
 import os
 import shutil
+import sys
 import tempfile
+from glob import escape as glob_escape
 from pathlib import Path
-from string import Template
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import timm
-from huggingface_hub import HfApi, ModelCardData, get_token, snapshot_download
+from huggingface_hub import HfApi, get_token, snapshot_download
 from huggingface_hub.errors import (
     HfHubHTTPError, OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError)
 from safetensors import SafetensorError, safe_open
@@ -24,35 +26,17 @@ from timm.models import parse_model_name, save_for_hf
 from timm.models._hub import hf_split
 
 from .atomic import file_mode
-from .models import LambdaVisionTransformer, LambdaVisionTransformerDistilled
+from .cards import PLOT_NAME, RUN_FILES, lambda_layers, public_json, render_model_card
 
 __all__ = [
-    'WEIGHTS_NAME', 'CONFIG_NAME', 'CARD_NAME', 'RUN_FILES', 'ExportError', 'PushError',
-    'save_model_dir', 'find_run_files', 'render_model_card', 'export_model', 'check_export', 'load_export',
-    'list_upload_files', 'push_export',
+    'WEIGHTS_NAME', 'CONFIG_NAME', 'CARD_NAME', 'ExportError', 'PushError',
+    'save_model_dir', 'export_model', 'check_export', 'load_export', 'list_upload_files', 'push_export',
 ]
 
 WEIGHTS_NAME = 'model.safetensors'
 CONFIG_NAME = 'config.json'
 CARD_NAME = 'README.md'
-PLOT_NAME = 'entropy.png'
 RUN_SUBDIR = 'run'
-# run files a card reads, by kind: what `profile`, `select`, `dilute`, `bench` and `convert` write
-RUN_FILES = {
-    'entropy': 'entropy.json',
-    'entropy_plot': PLOT_NAME,
-    'selection': 'selection.json',
-    'metrics': 'metrics.json',
-    'bench': 'bench.json',
-    'summary': 'summary.json',
-}
-# the layouts published with the paper (registered names)
-_PUBLISHED = {
-    'deit_base_lambda40', 'deit_base_lambda50', 'deit_small_lambda25', 'deit_small_lambda30',
-    'deit_tiny_lambda25', 'deit_tiny_lambda30',
-}
-_DATASET_IDS = {'fashion-mnist': 'zalando-datasets/fashion_mnist', 'imagenet': 'imagenet-1k', 'in1k': 'imagenet-1k'}
-_MAX_EPOCH_ROWS = 12
 
 
 class ExportError(ValueError):
@@ -89,296 +73,6 @@ def save_model_dir(
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# run files and card templates
-
-def find_run_files(run_dir: os.PathLike) -> Dict[str, Path]:
-    """Find the run files (`RUN_FILES`) in `run_dir` or its subfolders, the shallowest of each name."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f'Run folder {run_dir} does not exist.')
-    found = {}
-    for kind, name in RUN_FILES.items():
-        paths = sorted(run_dir.rglob(name), key=lambda p: (len(p.parts), str(p)))
-        if len(paths) > 1 and len(paths[0].parts) == len(paths[1].parts):
-            raise ValueError(
-                f'{run_dir} holds several {name} at the same depth ({paths[0]}, {paths[1]}): '
-                f'name the one to use with --{kind.replace("_", "-")}.')
-        if paths:
-            found[kind] = paths[0]
-    return found
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f'Run file {path} does not exist.') from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f'Run file {path} is not valid JSON: {e}') from e
-
-
-def _template_dir() -> Path:
-    """`hub_cards/`: in a source checkout (or editable install) or installed as data files by the wheel."""
-    checkout = Path(__file__).resolve().parent.parent / 'hub_cards'
-    if (checkout / 'model_card.md').is_file():
-        return checkout
-    try:
-        files = importlib.metadata.files('timm-lambda') or []
-    except importlib.metadata.PackageNotFoundError:
-        files = []
-    for f in files:
-        if f.name == 'model_card.md' and f.parent.name == 'hub_cards':
-            return Path(f.locate()).resolve().parent
-    raise FileNotFoundError('The model card templates (hub_cards/) are not installed: reinstall timm-lambda.')
-
-
-def _render(name: str, **values: Any) -> str:
-    return Template((_template_dir() / name).read_text()).substitute(values)
-
-
-def _section(name: str, **values: Any) -> str:
-    """An optional card section: a blank line, then the template's text."""
-    return '\n' + _render(name, **values).strip('\n') + '\n'
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f'{v:,.0f}' if abs(v) >= 1000 else f'{v:.4g}'
-    if isinstance(v, (list, tuple)):
-        return ','.join(map(str, v))
-    return '' if v is None else str(v).replace('|', '\\|')
-
-
-def _md_table(rows: Sequence[Mapping[str, Any]], columns: Optional[Sequence[str]] = None) -> str:
-    """A markdown table of the scalar (or list of scalars) fields of `rows`."""
-    def shown(v):
-        return v is None or isinstance(v, (str, int, float)) or (
-            isinstance(v, (list, tuple)) and all(isinstance(i, (str, int, float)) for i in v))
-    if columns is None:
-        columns = list(dict.fromkeys(k for r in rows for k, v in r.items() if shown(v)))
-    lines = ['| ' + ' | '.join(columns) + ' |', '|' + '---|' * len(columns)]
-    lines += ['| ' + ' | '.join(_fmt(r.get(c)) for c in columns) + ' |' for r in rows]
-    return '\n'.join(lines) + '\n'
-
-
-def _records(obj: Any, index: str = 'block') -> Optional[List[Dict[str, Any]]]:
-    """Table rows in a JSON document: a list of objects, an object of equal-length lists or an object of objects,
-    at the top level or one level down."""
-    def as_rows(o):
-        if isinstance(o, list) and o and all(isinstance(r, dict) for r in o):
-            return o
-        if isinstance(o, dict) and o:
-            values = list(o.values())
-            if all(isinstance(v, list) for v in values) and len({len(v) for v in values}) == 1 and values[0] \
-                    and all(not isinstance(i, (dict, list)) for v in values for i in v):
-                return [dict({index: i}, **{k: v[i] for k, v in o.items()}) for i in range(len(values[0]))]
-            if all(isinstance(v, dict) for v in values):
-                return [dict({index: k}, **v) for k, v in o.items()]
-        return None
-    rows = as_rows(obj)
-    if rows is None and isinstance(obj, dict):
-        rows = next((r for r in map(as_rows, obj.values()) if r), None)
-    return rows
-
-
-def _layers_text(layers: Sequence[int]) -> str:
-    return ', '.join(map(str, layers)) if layers else 'none'
-
-
-def _check_layers(kind: str, data: Mapping[str, Any], layers: Tuple[int, ...], path: Path) -> None:
-    if 'mlp_only_layers' in data and tuple(sorted(data['mlp_only_layers'])) != layers:
-        raise ValueError(
-            f'{path} ({kind}) removes attention layers {sorted(data["mlp_only_layers"])} but the model removes '
-            f'{list(layers)}: these run files belong to another model.')
-
-
-def _entropy_section(entropy: Optional[Any], plot: bool) -> str:
-    if entropy is None and not plot:
-        return ''
-    rows = _records(entropy) if entropy is not None else None
-    columns = [c for c in ('block', 'attention', 'mlp', 'output') if rows and any(c in r for r in rows)]
-    calibration = ''
-    if isinstance(entropy, dict) and entropy.get('num_images'):
-        calibration = f' ({entropy["num_images"]} images' + (
-            f' of {entropy["dataset"]}' if entropy.get('dataset') else '') + ')'
-    return _section(
-        'entropy.md', calibration=calibration,
-        plot=f'![Entropy of attention and MLP outputs per block]({PLOT_NAME})\n\n' if plot else '',
-        table=_md_table(rows, columns or None) if rows else '')
-
-
-def _nose_section(selection: Mapping[str, Any]) -> str:
-    steps = selection.get('steps')
-    if not steps:
-        return ''
-    rows = []
-    for k, step in enumerate(steps, 1):
-        te = {int(layer): v for layer, v in step['candidates'].items()}
-        runner_up = sorted((v, layer) for layer, v in te.items() if layer != step['chosen'])
-        rows.append({
-            'step': k, 'removed layer': step['chosen'], 'TE': te.get(step['chosen']),
-            'runner-up (TE)': f'{runner_up[0][1]} ({_fmt(runner_up[0][0])})' if runner_up else '',
-            'candidates': len(te)})
-    cost = selection.get('cost') or {}
-    cost_line = ''
-    if 'block_forwards' in cost:
-        cost_line = f'Cost: {cost["block_forwards"]} block forwards'
-        if 'full_pass_equivalents' in cost:
-            cost_line += f' ({_fmt(cost["full_pass_equivalents"])} full-pass equivalents)'
-        cost_line += '.\n\n'
-    return _section('nose.md', cost=cost_line, table=_md_table(rows))
-
-
-def _criteria_section(selection: Mapping[str, Any], num_removed: int) -> str:
-    comparison = selection.get('comparison')
-    if not comparison:
-        return ''
-    columns = ['criterion', 'mlp_only_layers'] + (['top1'] if any('top1' in c for c in comparison) else [])
-    return _section(
-        'criteria.md', num_removed=num_removed,
-        zero_shot=', scored zero-shot (top-1 without training)' if 'top1' in columns else '',
-        table=_md_table(comparison, columns))
-
-
-def _accuracy_section(summary: Mapping[str, Any], metrics: Mapping[str, Any]) -> str:
-    rows = []
-    if 'top1_before' in summary or 'top1_after' in summary:
-        rows.append({'': 'top-1 (%)', 'original': summary.get('top1_before'), 'this model': summary.get('top1_after')})
-    if 'params_before' in summary or 'params_after' in summary:
-        rows.append({'': 'params (M)', 'original': _millions(summary.get('params_before')),
-                     'this model': _millions(summary.get('params_after'))})
-    epochs = metrics.get('epochs') or []
-    if not rows and epochs and epochs[-1].get('val_top1') is not None:
-        rows.append({'': 'top-1 (%) after dilution', 'this model': epochs[-1]['val_top1']})
-    return _section('accuracy.md', table=_md_table(rows)) if rows else ''
-
-
-def _millions(n: Optional[float]) -> Optional[float]:
-    return None if n is None else n / 1e6
-
-
-def _dilution_section(metrics: Mapping[str, Any]) -> str:
-    epochs = metrics.get('epochs') or []
-    if not epochs:
-        return ''
-    total = sum(e.get('time_s') or 0 for e in epochs)
-    summary = f'{len(epochs)} epochs' + (f', {total / 60:.1f} min' if total else '') + '.'
-    if len(epochs) > _MAX_EPOCH_ROWS:
-        step = (len(epochs) - 1) / (_MAX_EPOCH_ROWS - 1)
-        epochs = [epochs[round(i * step)] for i in range(_MAX_EPOCH_ROWS)]
-    columns = [c for c in ('epoch', 'lam', 'train_loss', 'val_top1', 'time_s') if any(c in e for e in epochs)]
-    return _section('dilution.md', summary=summary, table=_md_table(epochs, columns))
-
-
-def _speed_section(summary: Mapping[str, Any], bench: Optional[Any]) -> str:
-    line = f'Measured speedup over the original: {summary["speedup"]:.3g}x.\n\n' if 'speedup' in summary else ''
-    rows = _records(bench, index='model') if bench is not None else None
-    if not line and not rows:
-        return ''
-    return _section('speed.md', summary=line, table=_md_table(rows) + '\nData in `run/bench.json`.\n' if rows else '')
-
-
-def _lambda_layers(model: torch.nn.Module) -> Tuple[int, ...]:
-    if not isinstance(model, (LambdaVisionTransformer, LambdaVisionTransformerDistilled)):
-        raise TypeError(
-            f'Only lambda models can be exported, got a {type(model).__name__}: convert a timm ViT first '
-            f'(`timm_lambda.create_lambda_model(model, layers)`, or `--layers` on the command line).')
-    return tuple(model.mlp_only_layers)
-
-
-def render_model_card(
-        model: torch.nn.Module,
-        run_files: Optional[Mapping[str, os.PathLike]] = None,
-        *,
-        model_name: str,
-        repo_id: Optional[str] = None,
-        base_model: Optional[str] = None,
-        datasets: Sequence[str] = (),
-        license: Optional[str] = None,
-        weights: Optional[str] = None,
-) -> str:
-    """Render the model card (`README.md`) of a lambda model from `hub_cards/` and the run's files.
-
-    Args:
-        model: The lambda model.
-        run_files: Paths by kind (keys of `RUN_FILES`); any subset, sections without data are left out.
-        model_name: The card's title.
-        repo_id: `ORG/NAME` the folder will be pushed to, for the usage snippet.
-        base_model: Hub id of the model the weights derive from (front matter `base_model`).
-        datasets: Dataset names or Hub ids (default: `dataset` of summary.json / metrics.json, when given).
-        license: License id (default: the model's pretrained_cfg license, else apache-2.0).
-        weights: One line on where the weights come from.
-    """
-    layers = _lambda_layers(model)
-    run_files = {k: Path(v) for k, v in (run_files or {}).items()}
-    unknown = set(run_files) - set(RUN_FILES)
-    if unknown:
-        raise ValueError(f'Unknown run file kinds {sorted(unknown)}; known: {sorted(RUN_FILES)}.')
-    data = {k: _read_json(p) for k, p in run_files.items() if k != 'entropy_plot'}
-    for kind in ('selection', 'summary'):
-        if kind in data:
-            if not isinstance(data[kind], dict):
-                raise ValueError(f'Run file {run_files[kind]} ({kind}) is not a JSON object.')
-            _check_layers(kind, data[kind], layers, run_files[kind])
-    if 'entropy_plot' in run_files and not run_files['entropy_plot'].is_file():
-        raise FileNotFoundError(f'Run file {run_files["entropy_plot"]} does not exist.')
-    selection, summary = data.get('selection', {}), data.get('summary', {})
-    metrics = data['metrics'] if isinstance(data.get('metrics'), dict) else {}
-
-    cfg = model.pretrained_cfg
-    arch = cfg.get('architecture', type(model).__name__)
-    base_arch = getattr(model, '_model_args', {}).get('base_arch')
-    if not datasets:
-        named = summary.get('dataset', metrics.get('dataset'))
-        datasets = [named] if isinstance(named, str) and named else []
-    card_data = ModelCardData(
-        library_name='timm',
-        license=license or cfg.get('license') or 'apache-2.0',
-        tags=['image-classification', 'timm', 'timm-lambda', 'vision-transformer'],
-        datasets=[_DATASET_IDS.get(d.lower(), d) for d in datasets] or None,
-        base_model=base_model or summary.get('base_model') or None,
-        pipeline_tag='image-classification',
-    )
-    if selection.get('criterion'):
-        how = f'The layers were chosen by the `{selection["criterion"]}` criterion (`timm-lambda select`).'
-        if selection.get('top1') is not None:
-            how += f' Zero-shot (no training) top-1 with them removed: {_fmt(selection["top1"])}%'
-            if selection.get('baseline_top1') is not None:
-                how += f' (unmodified: {_fmt(selection["baseline_top1"])}%)'
-            how += '.'
-    elif arch in _PUBLISHED:
-        how = f'The layers are the layout published with the paper for `{arch}`.'
-    else:
-        how = 'No selection record came with this export; the layout is the one given to the conversion.'
-    depth = len(model.blocks)
-    input_size = timm.data.resolve_model_data_config(model)['input_size']
-    return _render(
-        'model_card.md',
-        front_matter=card_data.to_yaml(),
-        model_name=model_name,
-        num_removed=len(layers),
-        depth=depth,
-        removed_pct=f'{100 * len(layers) / depth:.0f}% of the attention layers',
-        skip_factor=_fmt(model.skip_factor),
-        architecture=arch,
-        base_arch=f' with base `{base_arch}`' if base_arch else '',
-        removed_blocks=_layers_text(layers),
-        params_m=f'{sum(p.numel() for p in model.parameters()) / 1e6:.2f}',
-        input_size='x'.join(map(str, input_size)),
-        num_classes=model.num_classes,
-        weights=weights or 'not recorded',
-        how_chosen=how,
-        entropy=_entropy_section(data.get('entropy'), 'entropy_plot' in run_files),
-        nose=_nose_section(selection),
-        criteria=_criteria_section(selection, len(layers)),
-        accuracy=_accuracy_section(summary, metrics),
-        dilution=_dilution_section(metrics),
-        speed=_speed_section(summary, data.get('bench')),
-        hub_name=f'hf-hub:{repo_id}' if repo_id else 'hf-hub:ORG/NAME',
-    )
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # export, check, load
 
 def export_model(
@@ -395,22 +89,25 @@ def export_model(
 ) -> Path:
     """Write a Hub-ready folder for a lambda model: weights, config, model card and the run's files.
 
-    `output_dir` is replaced as a whole (built in a temporary sibling, checked, then swapped in); it must be
-    new, empty or an earlier export. The card's arguments are those of `render_model_card`; its title
-    `model_name` defaults to the repo's name, else the folder's.
+    `output_dir` is replaced as a whole: built in a temporary sibling, checked, then swapped in (one atomic
+    exchange on Linux), so a run killed at any point leaves the previous export or the new one under
+    `output_dir`; what a killed run left beside it is cleaned up (or put back) by the next one. It must be new,
+    empty or an earlier export. The card's arguments are those of `cards.render_model_card` (title: the repo's
+    name, else `cards.model_title`). JSON run files are copied with their local paths reduced to names.
     Returns `output_dir`.
     """
-    layers = _lambda_layers(model)
+    layers = lambda_layers(model)
     output_dir = Path(output_dir)
+    _recover(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()) and not (output_dir / CONFIG_NAME).is_file():
         raise ValueError(f'{output_dir} is not empty and not an export: choose a new or empty folder.')
     run_files = {k: Path(v) for k, v in (run_files or {}).items()}
     card = render_model_card(
-        model, run_files,
-        model_name=model_name or (repo_id.split('/')[-1] if repo_id else output_dir.resolve().name),
+        model, run_files, model_name=model_name or (repo_id.split('/')[-1] if repo_id else None),
         repo_id=repo_id, base_model=base_model, datasets=datasets, license=license, weights=weights)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f'.{output_dir.name}.export-'))
+    tmp = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=_temp_prefix(output_dir, 'export')))
+    parked = None
     try:
         save_model_dir(
             model, tmp, model_args={'mlp_only_layers': list(layers), 'skip_factor': float(model.skip_factor)})
@@ -418,19 +115,74 @@ def export_model(
         for kind, path in run_files.items():
             dest = tmp / PLOT_NAME if kind == 'entropy_plot' else tmp / RUN_SUBDIR / RUN_FILES[kind]
             dest.parent.mkdir(exist_ok=True)
-            shutil.copyfile(path, dest)
+            if path.suffix == '.json':
+                dest.write_text(json.dumps(public_json(json.loads(path.read_text())), indent=2) + '\n')
+            else:
+                shutil.copyfile(path, dest)
         check_export(tmp)
         os.chmod(tmp, file_mode(0o777))  # mkdtemp makes owner-only folders
-        if output_dir.exists():
-            old = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f'.{output_dir.name}.old-'))
-            os.replace(output_dir, old / output_dir.name)
+        if not output_dir.exists():
             os.replace(tmp, output_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
+        elif not _exchange(tmp, output_dir):  # tmp now holds the previous export
+            parked = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=_temp_prefix(output_dir, 'old')))
+            os.replace(output_dir, parked / output_dir.name)
             os.replace(tmp, output_dir)
+    except BaseException:
+        if parked is not None and not output_dir.exists():
+            os.replace(parked / output_dir.name, output_dir)  # put the previous export back
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if parked is not None:
+            shutil.rmtree(parked, ignore_errors=True)
     return output_dir
+
+
+def _temp_prefix(output_dir: Path, kind: str, pid: Optional[int] = None) -> str:
+    """`.NAME.KIND-PID-`: temporary siblings of an export, named for the folder, their purpose and the writer."""
+    return f'.{output_dir.name}.{kind}-{os.getpid() if pid is None else pid}-'
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux `renameat2(RENAME_EXCHANGE)`); False where the system cannot."""
+    if sys.platform != 'linux':
+        return False
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), 'renameat2', None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):  # a file system without exchange
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _recover(output_dir: Path) -> None:
+    """Clean up after exports into `output_dir` that were killed: put a previous export parked by a killed swap
+    back under its name if nothing replaced it, and remove the temporary folders (those of running exports
+    are left alone)."""
+    if not output_dir.parent.is_dir():
+        return
+    for kind in ('old', 'export'):  # parked previous exports first, then half-built new ones
+        for leftover in sorted(output_dir.parent.glob(f'.{glob_escape(output_dir.name)}.{kind}-*-*')):
+            pid = leftover.name[len(f'.{output_dir.name}.{kind}-'):].split('-', 1)[0]
+            if not leftover.is_dir() or not pid.isdigit() or _pid_alive(int(pid)):
+                continue
+            if kind == 'old' and (leftover / output_dir.name).is_dir() and not output_dir.exists():
+                os.replace(leftover / output_dir.name, output_dir)
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def check_export(source: Union[str, os.PathLike]) -> Path:

@@ -24,6 +24,7 @@ import timm
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models import get_model_args, get_pretrained_cfg, is_model, model_entrypoint, split_model_name_tag
+from timm.models import resolve_pretrained_cfg
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_filter_fn as vit_filter_fn
 
@@ -159,7 +160,32 @@ def checkpoint_filter_fn(
     return {k: v for k, v in state_dict.items() if not ((m := _ATTN_KEY.match(k)) and int(m.group(1)) in removed)}
 
 
+# the authors publish the paper's checkpoints (not bundled, not on the Hub) from their repository's README
+_OFFICIAL_REPO = 'https://github.com/sihaoevery/lambda_vit'
+_OFFICIAL_CHECKPOINTS = {
+    'deit_base_lambda40': 'base_01346.pth', 'deit_base_lambda50': 'base_013469.pth',
+    'deit_small_lambda25': 'small_024.pth', 'deit_small_lambda30': 'small_0246.pth',
+    'deit_tiny_lambda25': 'tiny_024.pth', 'deit_tiny_lambda30': 'tiny_0246.pth',
+}
+
+
+def _check_pretrained_source(variant: str, kwargs: Dict[str, Any]) -> None:
+    """Before building: with `pretrained=True` and no weight source, say where the paper's weights are."""
+    cfg = resolve_pretrained_cfg(
+        variant, pretrained_cfg=kwargs.get('pretrained_cfg'), pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'))
+    if cfg.has_weights or cfg.state_dict is not None or variant not in _OFFICIAL_CHECKPOINTS:
+        return
+    ckpt = _OFFICIAL_CHECKPOINTS[variant]
+    raise RuntimeError(
+        f'No pretrained weights are bundled for {variant}. The paper\'s checkpoint, {ckpt}, is linked from the '
+        f'"Checkpoints" section of the authors\' README ({_OFFICIAL_REPO}): download it, convert it with '
+        f'`timm-lambda import-official {ckpt} --arch {variant} --output DIR`, then load it with '
+        f'`timm.create_model(\'local-dir:DIR\', pretrained=True)`. Use `pretrained=False` for random init.')
+
+
 def _create_lambda_vit(variant: str, pretrained: bool = False, distilled: bool = False, **kwargs) -> VisionTransformer:
+    if pretrained:
+        _check_pretrained_source(variant, kwargs)
     out_indices = kwargs.pop('out_indices', 3)
     base_filter_fn = kwargs.pop('base_filter_fn', partial(vit_filter_fn, adapt_layer_scale=True))
     model_cls = LambdaVisionTransformerDistilled if distilled else LambdaVisionTransformer
@@ -292,6 +318,7 @@ _REGISTERED_BASES = {
 def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
     return {
         'url': url,
+        'origin_url': _OFFICIAL_REPO,
         'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': None,
         'crop_pct': .9, 'interpolation': 'bicubic', 'fixed_input_size': True,
         'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,

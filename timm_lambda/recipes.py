@@ -1,9 +1,18 @@
-"""Training recipes: named sets of `TrainConfig` defaults, which explicit settings override.
+"""Training recipes: named sets of `TrainConfig` defaults, chosen with `--recipe NAME`.
 
-`default` is `TrainConfig`'s own defaults (a short recipe with distillation, for small budgets; a command
-may have defaults of its own, as `convert` does). `paper` is the authors' dilution recipe (DeiT codebase,
-400 epochs on 8 GPUs x 256 images), every value of it listed, whether or not it equals ours; the
-differences, and why the default differs, are in docs/training.md.
+A recipe only sets defaults: a flag given on the command line wins over it (`cli.finetune.add_recipe_arg`),
+and a field it does not set keeps the command's own default. The resolved config, recipe name included, is
+written to the run's `metrics.json`.
+
+- `default`: each command's own defaults: `dilute`'s are `TrainConfig`'s (timm's DeiT ImageNet augmentation,
+  distillation from the original), `convert`'s a short demo budget without augmentation, `finetune`'s the
+  `small` values.
+- `imagenet`: timm's DeiT ImageNet recipe (RandAugment, mixup 0.8, cutmix 1.0, random erasing 0.25, label
+  smoothing 0.1, lr 5e-4 x batch / 512), `TrainConfig`'s values.
+- `small`: small downstream sets (thousands of images, low resolution): augmentation that keeps the image's
+  content, a learning rate that moves a pretrained network within a few epochs.
+- `paper`: the authors' dilution recipe (DeiT codebase, 400 epochs on 8 GPUs x 256 images), every value listed,
+  whether or not it equals ours; the differences, and why the default differs, are in docs/training.md.
 
     config = TrainConfig(**apply_recipe('paper', output='runs/base40', layers=(0, 1, 3, 4, 6)))
 """
@@ -11,8 +20,17 @@ from typing import Any, Dict
 
 __all__ = ['RECIPES', 'apply_recipe']
 
+_SMALL = dict(
+    lr_base=2e-3, warmup_epochs=1, min_lr=1e-5, smoothing=0.1, scale=(0.5, 1.0), aa=None, color_jitter=0.0,
+    hflip=0.0, reprob=0.0, mixup=0.0, cutmix=0.0, no_aug=False)
+_IMAGENET = dict(
+    lr_base=5e-4, warmup_epochs=0, min_lr=1e-6, smoothing=0.1, scale=None, aa='rand-m9-mstd0.5-inc1',
+    color_jitter=0.3, hflip=0.5, reprob=0.25, mixup=0.8, cutmix=1.0, no_aug=False)
+
 RECIPES: Dict[str, Dict[str, Any]] = {
     'default': {},
+    'imagenet': _IMAGENET,
+    'small': _SMALL,
     'paper': dict(
         epochs=400, batch_size=256,  # per process, 8 processes
         # lam = max(0, 1 - epoch / 299) per epoch: 0 from epoch 299 of 400 on

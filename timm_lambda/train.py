@@ -662,7 +662,9 @@ def _train(
         trainer.save_checkpoint(checkpoint_path, 0.)
         if rank == 0:
             write_json(output / 'metrics.json', {'config': asdict(config), 'epochs': trainer.metrics})
-            _logger.info(_summary(record, config.num_epochs, trainer.optimizer.param_groups[0]['lr']))
+            _logger.info(_summary(record, config, trainer.optimizer.param_groups[0]['lr']))
+            if record['epoch'] == config.warmup_epochs + 1 and not config.kd:  # the first epoch at full lr
+                _warn_if_chance(record['train_loss'], model.num_classes, record['epoch'])
 
     final = fold_model(model) if config.layers else model
     final_ema = None
@@ -681,10 +683,24 @@ def _train(
     return TrainResult(model=final, metrics=trainer.metrics, output=output, model_ema=final_ema)
 
 
-def _summary(record: Dict[str, Any], epochs: int, lr: float) -> str:
+def _warn_if_chance(train_loss: float, num_classes: int, epoch: int) -> None:
+    """Warn when the loss of the first epoch after warm-up is still about that of guessing (ln num_classes)."""
+    chance = math.log(num_classes) if num_classes > 1 else 0.
+    if chance and train_loss > 0.9 * chance:
+        _logger.warning(
+            f'warning: the training loss of epoch {epoch}, {train_loss:.3f}, is still about chance (ln {num_classes} = '
+            f'{chance:.3f}): the model is not learning. For a small dataset try `--recipe small`; else check --lr '
+            f'and the augmentation (--aa, --mixup, --cutmix, --reprob).')
+
+
+def _summary(record: Dict[str, Any], config: TrainConfig, lr: float) -> str:
+    epochs = config.num_epochs
     parts = [f'epoch {record["epoch"]}/{epochs}']
     if record['lam'] is not None:
-        parts.append(f'lam {record["lam"]:.4f}')
+        done = record['lam'] == 0 and record['epoch'] < epochs
+        parts.append(f'lam {record["lam"]:.4f}' + (
+            f' (attention gone after {config.dilution_frac:.0%} of the schedule, --dilution-frac; the lambda model '
+            f'trains on)' if done else ''))
     parts.append(f'train_loss {record["train_loss"]:.4f}')
     if record['val_top1'] is not None:
         parts.append(f'val_top1 {record["val_top1"]:.2f}')

@@ -50,8 +50,8 @@ def add_data_args(parser: argparse.ArgumentParser, default_dataset: Optional[str
     g.add_argument('--data-dir', default=None, metavar='DIR', help='dataset root (Fashion-MNIST: cache dir)')
     g.add_argument('--train-split', default='train', help='training split')
     g.add_argument('--val-split', default='validation', help='held-out split')
-    g.add_argument('-b', '--batch-size', type=int, default=64, help='batch size')
-    g.add_argument('-j', '--workers', type=int, default=2, help='data loader workers')
+    g.add_argument('-b', '--batch-size', type=int, default=64, help='batch size (default: %(default)s)')
+    g.add_argument('-j', '--workers', type=int, default=2, help='data loader workers (default: %(default)s)')
     g.add_argument('--crop-pct', type=float, default=None, help='eval center-crop fraction (default: the model\'s)')
 
 

@@ -23,7 +23,7 @@ from ..evaluate import evaluate_top1
 from ..hub import export_model
 from ..reference import REFERENCE_MODEL
 from ..dilution import TARGETS
-from ..models import base_architecture, parse_layers
+from ..models import parse_layers
 from ..selection import given_selection, num_layers_to_remove, select_layers, zero_shot_top1
 from ..train import train
 from ..atomic import write_json
@@ -38,7 +38,8 @@ from .select import add_selection_args, nose_kwargs_from_args, save_selection
 
 __all__ = ['add_parser']
 
-# the dilution recipe of the embedded default: a short budget (3.3% of the reference's training) without augmentation
+# the embedded default: a short dilution budget (3.3% of the reference's training) without augmentation;
+# `--recipe NAME` sets its values over these
 _DEFAULTS = dict(
     epochs=2, train_samples=20000, batch_size=128, lr=5e-4, warmup_epochs=0, smoothing=0.0, no_aug=True,
     aa=None, mixup=0.0, cutmix=0.0, reprob=0.0, dilution_frac=0.5, kd_weight=0.5, num_images=128, ratio=0.4,
@@ -113,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
     files.update({f'bench_{k}': v for k, v in write_results(bench, out / 'bench').items()})
 
     summary: Dict[str, Any] = dict(
-        model=args.model, dataset=args.dataset, criterion=selection['criterion'], mlp_only_layers=list(layers),
+        model=args.model, dataset=args.dataset, eval_split=args.val_split, eval_images=len(val_loader.dataset),
+        criterion=selection['criterion'], mlp_only_layers=list(layers),
         already_mlp_only=selection['already_mlp_only'], skip_factor=skip_factor,
         **{k: selection[k] for k in ('te_skip_factor', 'te_feature', 'te_signed') if k in selection},
         top1_before=round(top1_before, 2), top1_zero_shot=round(top1_zero_shot, 2), top1_after=round(top1_after, 2),
@@ -129,12 +131,9 @@ def run(args: argparse.Namespace) -> int:
     run_files = {
         'entropy': files['entropy'], 'entropy_plot': files['entropy_plot'], 'selection': files['selection'],
         'metrics': files['metrics'], 'bench': files['bench_json'], 'summary': summary_path}
-    cfg = model.pretrained_cfg
-    name = f'{base_architecture(model)}_lambda{round(100 * len(layers) / len(model.blocks))}'
     export_dir = export_model(
-        converted, out / 'export', run_files, datasets=[args.dataset] if args.dataset else [],
-        weights=f'converted from `{args.model}` by `timm-lambda convert`',
-        model_name=f'{name}.{cfg["tag"]}' if cfg.get('tag') else name)
+        converted, out / 'export', run_files, repo_id=args.repo, datasets=[args.dataset] if args.dataset else [],
+        weights=f'converted from `{args.model}` by `timm-lambda convert`')
     files.update(export=str(export_dir), summary=str(summary_path))
     summary.update(time_s=round(time.time() - start, 1), files=files)
     write_json(summary_path, summary)
@@ -143,6 +142,8 @@ def run(args: argparse.Namespace) -> int:
     print(f'top-1  before {top1_before:.2f}   zero-shot {top1_zero_shot:.2f}   after dilution {top1_after:.2f}')
     print(f'params {summary["params_before"]:,} -> {summary["params_after"]:,}   '
           f'speedup x{summary["speedup"]:.3f} (throughput, batch {args.bench_batch_size}, {device.type})')
+    if bench['noisy']:
+        print(f'warning: noisy timings ({", ".join(bench["noisy"])}): the speedup is rough (bench/bench.md)')
     print(f'wrote {summary_path} ({summary["time_s"]:.0f} s)')
     return 0
 
@@ -151,7 +152,7 @@ def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         'convert', help='the whole pipeline: profile, NOSE, dilution with KD, fold, evaluate, bench, export',
         description='Convert a ViT into its lambda form end to end. With no arguments: the reference model '
-                    'shipped in the package, on Fashion-MNIST, 40%% of the attention layers removed. '
+                    'shipped in the package, on Fashion-MNIST, 40% of the attention layers removed. '
                     'Writes OUTPUT/summary.json and every step\'s files.')
     add_model_args(parser, default_model=REFERENCE_MODEL)
     add_data_args(parser, default_dataset=FASHION_MNIST)
@@ -167,4 +168,6 @@ def add_parser(subparsers) -> None:
     g.add_argument('--bench-repeats', type=int, default=10, help='timed rounds (default: %(default)s)')
     g.add_argument('--threads', type=int, default=None, help='CPU threads for torch (default: torch\'s)')
     add_output_arg(parser, default='output/convert')
+    parser.add_argument('--repo', metavar='ORG/NAME', help='Hub repo the export will be pushed to (the model card\'s '
+                                                          'usage snippet and title)')
     parser.set_defaults(func=run, **_DEFAULTS)

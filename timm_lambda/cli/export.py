@@ -4,7 +4,8 @@ from pathlib import Path
 
 from timm.utils import random_seed
 
-from ..hub import RUN_FILES, check_export, export_model, find_run_files
+from ..cards import RUN_FILES, find_run_files
+from ..hub import check_export, export_model
 from ..models import LambdaVisionTransformer, LambdaVisionTransformerDistilled, create_lambda_model
 from .common import add_layers_args, add_model_args, add_output_arg, create_model_from_args, layers_from_args
 

@@ -4,14 +4,17 @@ Also holds the training flags `dilute` shares (named as in timm's train.py).
 """
 import argparse
 import copy
+import json
 import logging
 import os
+from pathlib import Path
 from dataclasses import fields
 from typing import Optional, Sequence
 
 import torch
 import timm
 
+from ..atomic import write_json
 from ..data import create_dataset
 from ..recipes import RECIPES, apply_recipe
 from ..train import AMP_DTYPES, DROP_PATH_RULES, SCHEDULERS, TrainConfig, train
@@ -97,7 +100,7 @@ def add_train_args(parser: argparse.ArgumentParser, kd_default: bool) -> None:
                         'processes; the epoch keeps its length (0 or 1: off; default: %(default)s)')
 
 
-def add_recipe_arg(parser: argparse.ArgumentParser) -> None:
+def add_recipe_arg(parser: argparse.ArgumentParser, default: str = 'default') -> None:
     """`--recipe NAME` (`timm_lambda.recipes`): the recipe's values become the defaults of the other flags.
 
     The parser reads `--recipe` first and then parses the command line with those defaults, so a flag given
@@ -105,12 +108,13 @@ def add_recipe_arg(parser: argparse.ArgumentParser) -> None:
     defaults the recipe gives.
     """
     parser.add_argument(
-        '--recipe', default='default', choices=tuple(RECIPES),
-        help='defaults of the training flags: default (this project\'s, short, with distillation) or paper (the '
-             'authors\': 400 epochs, docs/training.md); explicit flags override it, `--recipe paper --help` '
-             'shows its values (default: %(default)s)')
+        '--recipe', default=default, choices=tuple(RECIPES),
+        help='defaults of the training flags (timm_lambda/recipes.py, docs/training.md): default (this '
+             'command\'s own), imagenet (timm\'s DeiT recipe), small (small downstream sets: light augmentation, '
+             'a higher lr), paper (the authors\' dilution recipe, 400 epochs); explicit flags override it, '
+             '`--recipe NAME --help` shows its values (default: %(default)s)')
     peek = argparse.ArgumentParser(prog=parser.prog, add_help=False)
-    peek.add_argument('--recipe', default='default')
+    peek.add_argument('--recipe', default=default)
 
     def parse_known_args(args=None, namespace=None):
         name = peek.parse_known_args(args)[0].recipe
@@ -137,7 +141,12 @@ def run_training(args: argparse.Namespace, layers: Sequence[int] = ()) -> int:
         teacher = timm.create_model(args.teacher, pretrained=True)
     train_dataset = create_dataset(args.dataset, args.data_dir, split=args.train_split, is_training=True)
     val_dataset = create_dataset(args.dataset, args.data_dir, split=args.val_split)
-    train(model, train_dataset, val_dataset, train_config_from_args(args, layers), teacher=teacher)
+    result = train(model, train_dataset, val_dataset, train_config_from_args(args, layers), teacher=teacher)
+    if int(os.environ.get('RANK', 0)) == 0:  # the data the figures are on, for model cards
+        metrics = result.output / 'metrics.json'
+        data = dict(dataset=args.dataset or Path(args.data_dir).name, train_split=args.train_split,
+                    val_split=args.val_split)
+        write_json(metrics, dict(json.loads(metrics.read_text()), data=data))
     return 0
 
 
@@ -159,9 +168,11 @@ def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         'finetune', help='fine-tune a lambda (or any timm) model, with a new classifier',
         description='Fine-tune a model on a dataset: the dilution trainer without dilution. '
-                    'Give --num-classes for a new classifier; distillation is off unless --kd.')
+                    'Give --num-classes for a new classifier; distillation is off unless --kd. The default '
+                    'recipe, small, suits small downstream sets; --recipe imagenet is timm\'s DeiT recipe.')
     add_model_args(parser)
     add_data_args(parser)
     add_output_arg(parser)
     add_train_args(parser, kd_default=False)
+    add_recipe_arg(parser, default='small')
     parser.set_defaults(func=_run)

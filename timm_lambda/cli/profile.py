@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any, Dict
 
+from ..cards import public_source
 from ..entropy import TE_FEATURES, plot_entropy, profile_entropy
 from ..atomic import write_json
 from .common import (
@@ -42,7 +43,8 @@ def save_profile(profile: Dict[str, Any], output: str) -> Dict[str, Path]:
     """Write `entropy.json` and `entropy.png` into `output`, print the table; returns the paths."""
     out = Path(output)
     paths = {'entropy': write_json(out / 'entropy.json', profile),
-             'entropy_plot': plot_entropy(profile, out / 'entropy.png', title=f'{profile["model"]}: sublayer output entropy')}
+             'entropy_plot': plot_entropy(
+                 profile, out / 'entropy.png', title=f'{public_source(profile["model"])}: sublayer output entropy')}
     print_profile(profile)
     print(f'wrote {paths["entropy"]} and {paths["entropy_plot"]}')
     return paths
