@@ -101,5 +101,5 @@ def test_help_shows_the_defaults_it_uses(capsys):
     assert f'batch size (default: {args.batch_size})' in text and f'(default: {args.num_images})' in text
     for flag, field in (('--epochs', 'epochs'), ('--lr', 'lr'), ('--train-samples', 'train_samples'),
                         ('--smoothing', 'smoothing'), ('--no-aug', 'no_aug')):
-        shown = re.search(rf'(?<!\[){flag}( [A-Z_]+)? [^\[]*?convert: ([^,)\s]+)', text).group(2)
+        shown = re.search(rf'(?<!\[){flag}( [A-Z_]+)? [^\[]*?\(default: ([^,)\s]+)\)', text).group(2)
         assert shown == str(getattr(config, field)), flag

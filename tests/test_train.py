@@ -282,3 +282,17 @@ def test_epoch_line_explains_lam_zero_before_the_last_epoch():
     assert 'lam 0.0000 (attention gone after 50% of the schedule, --dilution-frac' in _summary(record, config, 1e-3)
     assert '--dilution-frac' not in _summary(dict(record, epoch=4), config, 1e-3)
     assert '--dilution-frac' not in _summary(dict(record, lam=0.25), config, 1e-3)
+
+
+def test_sklearn_digits_dataset(tiny_vit):
+    """scikit-learn's digits by name: a fixed disjoint split, every class in both, upscaled by the model's transform."""
+    train_set, test_set = create_dataset('sklearn-digits', split='train'), create_dataset('sklearn-digits')
+    assert (len(train_set), len(test_set)) == (1348, 449)
+    assert not set(train_set.indices) & set(test_set.indices)
+    assert set(train_set.targets) == set(test_set.targets) == set(range(10))
+    image, label = train_set[0]
+    assert image.size == (8, 8) and image.mode == 'L' and label == train_set.targets[0]
+    from timm_lambda.data import eval_transform
+    x, _ = create_dataset('sklearn-digits', transform=eval_transform(resolve_data_config(tiny_vit)))[0]
+    assert x.shape == (1, 28, 28)
+    assert create_dataset('sklearn-digits', split='train').indices == train_set.indices  # the same split every time

@@ -20,12 +20,13 @@ from timm.data import auto_augment, create_transform
 from timm.data.model_config import resolve_input_data_config
 
 __all__ = [
-    'FASHION_MNIST', 'FASHION_MNIST_DEB_DIR', 'default_data_dir', 'prepare_fashion_mnist',
+    'FASHION_MNIST', 'DIGITS', 'DigitsDataset', 'FASHION_MNIST_DEB_DIR', 'default_data_dir', 'prepare_fashion_mnist',
     'create_dataset', 'seeded_subset', 'resolve_data_config', 'eval_transform', 'create_eval_loader',
     'train_transform', 'TransformDataset', 'EpochBatchSampler', 'create_train_loader',
 ]
 
 FASHION_MNIST = 'fashion-mnist'
+DIGITS = 'sklearn-digits'
 FASHION_MNIST_DEB_DIR = Path(os.environ.get('FASHION_MNIST_DIR', '/usr/share/datasets/fashion-mnist'))
 _FASHION_MNIST_FILES = (
     'train-images-idx3-ubyte', 'train-labels-idx1-ubyte', 't10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')
@@ -66,15 +67,18 @@ def create_dataset(
         transform: Optional[Any] = None,
         **kwargs,
 ) -> Dataset:
-    """Create a dataset by timm's name (`torch/...`, `hfds/...`, an image folder) or `fashion-mnist`.
+    """Create a dataset by timm's name (`torch/...`, `hfds/...`, an image folder), `fashion-mnist` or
+    `sklearn-digits`.
 
     For `fashion-mnist`, a split named `train`/`training` is the 60k training set, anything else the
-    10k test set. Raises a clear error when the data is missing or empty.
+    10k test set; for `sklearn-digits` (`DigitsDataset`) the same with its 1,348 / 449 split. Raises a clear error when the data is missing or empty.
     """
     if name == FASHION_MNIST:
         from torchvision.datasets import FashionMNIST
         root = prepare_fashion_mnist(data_dir)
         dataset = FashionMNIST(str(root), train=split in _TRAIN_SPLITS, transform=transform, download=False)
+    elif name == DIGITS:
+        dataset = DigitsDataset(train=split in _TRAIN_SPLITS, transform=transform)
     else:
         if not name and not (data_dir and Path(data_dir).is_dir()):
             raise FileNotFoundError(f'Dataset folder {data_dir!r} does not exist.')
@@ -88,6 +92,41 @@ def create_dataset(
     if len(dataset) == 0:
         raise ValueError(f'Dataset {name or data_dir!r} (split {split!r}) is empty.')
     return dataset
+
+
+class DigitsDataset(Dataset):
+    """scikit-learn's digits: 1,797 real 8x8 grayscale handwritten digits (0-9) shipped inside scikit-learn.
+
+    A fixed seeded split (seed 0): 449 test images (25%), 1,348 training images. Items are
+    `(PIL 8x8 'L' image, label)`; the model's transform upscales them (bicubic for timm's ViTs).
+    Needs scikit-learn: `pip install 'timm-lambda[evidence]'`.
+    """
+    _TEST_FRACTION = 0.25
+
+    def __init__(self, train: bool = True, transform: Optional[Any] = None) -> None:
+        try:
+            from sklearn.datasets import load_digits
+        except ImportError:
+            raise FileNotFoundError(
+                f'{DIGITS} needs scikit-learn, which ships the images: pip install \'timm-lambda[evidence]\'') from None
+        digits = load_digits()
+        order = torch.randperm(len(digits.target), generator=torch.Generator().manual_seed(0)).tolist()
+        num_test = round(self._TEST_FRACTION * len(order))
+        self.indices = order[num_test:] if train else order[:num_test]
+        self.images = (digits.images * (255 / 16)).round().astype(np.uint8)  # 0..16 -> 0..255
+        self.targets = [int(digits.target[i]) for i in self.indices]
+        self.classes = [str(c) for c in range(10)]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> Tuple[Any, int]:
+        from PIL import Image
+        image = Image.fromarray(self.images[self.indices[index]])  # uint8 HxW: mode L
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, self.targets[index]
 
 
 def seeded_subset(dataset: Dataset, num_samples: Optional[int], seed: int = 42) -> Dataset:

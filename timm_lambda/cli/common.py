@@ -11,7 +11,7 @@ from timm.utils import ParseKwargs
 
 from torch.utils.data import DataLoader
 
-from ..data import FASHION_MNIST, create_dataset, create_eval_loader, eval_transform, resolve_data_config
+from ..data import DIGITS, FASHION_MNIST, create_dataset, create_eval_loader, eval_transform, resolve_data_config
 from ..models import parse_layers
 
 __all__ = [
@@ -46,7 +46,7 @@ def add_data_args(parser: argparse.ArgumentParser, default_dataset: Optional[str
     g = parser.add_argument_group('data')
     g.add_argument('--dataset', default=default_dataset,
                    help=f'what timm.data.create_dataset accepts (torch/..., hfds/..., \'\' for an image folder) '
-                        f'or {FASHION_MNIST} (default: %(default)s)')
+                        f'or {FASHION_MNIST}, {DIGITS} (scikit-learn\'s 8x8 digits) (default: %(default)s)')
     g.add_argument('--data-dir', default=None, metavar='DIR', help='dataset root (Fashion-MNIST: cache dir)')
     g.add_argument('--train-split', default='train', help='training split')
     g.add_argument('--val-split', default='validation', help='held-out split')

@@ -62,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    # training settings that cannot work are found before the calibration (any one layer stands in for the selection)
+    train_config_from_args(args, (0,), output=str(out / 'dilute')).validate()
     model = model_from_args(args)
     val_loader = create_eval_loader(
         create_eval_dataset_from_args(args, model), args.batch_size, args.workers,

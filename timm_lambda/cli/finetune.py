@@ -35,7 +35,7 @@ def add_train_args(parser: argparse.ArgumentParser, kd_default: bool) -> None:
     g = parser.add_argument_group('training')
     g.add_argument('--epochs', type=int, default=d.epochs, help='epochs (default: %(default)s)')
     g.add_argument('--opt', default=d.opt, help='timm optimizer (default: %(default)s)')
-    g.add_argument('--lr', type=float, default=None, help='learning rate (default: --lr-base x global batch / 512)')
+    g.add_argument('--lr', type=float, default=None, help='learning rate; None: --lr-base x global batch / 512 (default: %(default)s)')
     g.add_argument('--lr-base', type=float, default=d.lr_base, help='learning rate at batch 512 (default: %(default)s)')
     g.add_argument('--momentum', type=float, default=d.momentum, help='optimizer momentum (default: %(default)s)')
     g.add_argument('--weight-decay', type=float, default=d.weight_decay, help='weight decay (default: %(default)s)')
@@ -62,8 +62,8 @@ def add_train_args(parser: argparse.ArgumentParser, kd_default: bool) -> None:
     g.add_argument('--model-ema', action=argparse.BooleanOptionalAction, default=d.model_ema,
                    help='keep an EMA of the weights (exported to OUTPUT/ema) (default: %(default)s)')
     g.add_argument('--model-ema-decay', type=float, default=d.model_ema_decay, help='EMA decay (default: %(default)s)')
-    g.add_argument('--train-samples', type=int, default=None, metavar='N', help='train on a seeded subset of N images')
-    g.add_argument('--val-samples', type=int, default=None, metavar='N', help='validate on a seeded subset of N images')
+    g.add_argument('--train-samples', type=int, default=None, metavar='N', help='train on a seeded subset of N images; None: all (default: %(default)s)')
+    g.add_argument('--val-samples', type=int, default=None, metavar='N', help='validate on a seeded subset of N images; None: all (default: %(default)s)')
     g.add_argument('--resume', default=None, metavar='PATH',
                    help='continue a run from its checkpoint (a last.pth, or the run\'s --output folder)')
     g.add_argument('--checkpoint-every', type=int, default=d.checkpoint_every, metavar='STEPS',
@@ -82,7 +82,9 @@ def add_train_args(parser: argparse.ArgumentParser, kd_default: bool) -> None:
                         'default: the model as it is before training')
 
     g = parser.add_argument_group('augmentation (DeiT recipe by default; each switchable)')
-    g.add_argument('--no-aug', action='store_true', help='no image augmentation (mixup/cutmix are separate)')
+    g.add_argument('--no-aug', action='store_true', default=False,
+                   help='no image augmentation; mixup/cutmix are separate (default: %(default)s)')
+    g.add_argument('--aug', dest='no_aug', action='store_false', help='image augmentation on: undoes --no-aug')
     g.add_argument('--scale', type=float, nargs=2, default=None, metavar=('MIN', 'MAX'), help='random-resized-crop scale')
     g.add_argument('--hflip', type=float, default=d.hflip, help='horizontal flip probability (default: %(default)s)')
     g.add_argument('--color-jitter', type=float, default=d.color_jitter, help='color jitter (without --aa; default: %(default)s)')
