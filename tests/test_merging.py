@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import timm
 from timm_lambda import MergingBlock, MlpOnlyBlock, apply_token_merging, create_lambda_model, merge_schedule
+from timm_lambda.cli import main
 from timm_lambda.hub import save_model_dir
 from timm_lambda.token_merging import merge_tokens, proportional_attention
 
@@ -239,3 +240,28 @@ def test_unsupported_models_raise():
         apply_token_merging(timm.create_model('vit_base_patch16_rpn_224', **SMALL), 1)
     with pytest.raises(ValueError, match='out of range'):
         timm.create_model('deit_tiny_lambda25', merge_r=2, merge_start=10, **SMALL)
+
+
+def test_bench_cli_rows_with_and_without_merging(tmp_path, capsys):
+    kwargs = ['img_size=32', 'patch_size=4', 'embed_dim=32', 'num_heads=2', 'num_classes=10']
+    threads = torch.get_num_threads()
+    rc = main([
+        'bench', '--model', 'deit_tiny_lambda25', '--baseline', 'deit_tiny_patch16_224', '-b', '2', '--device', 'cpu',
+        '--warmup', '0', '--repeats', '1', '--threads', '1', '--merge-r', '8', '--merge-start', '1',
+        '--output', str(tmp_path), '--model-kwargs', *kwargs])
+    torch.set_num_threads(threads)
+    assert rc == 0
+    results = json.loads((tmp_path / 'bench.json').read_text())
+    assert list(results['models']) == [
+        'deit_tiny_lambda25', 'deit_tiny_lambda25 merge_r=8', 'deit_tiny_patch16_224',
+        'deit_tiny_patch16_224 merge_r=8']
+    assert results['baseline'] == 'deit_tiny_patch16_224'
+    flops = {k: v['flops_per_image'] for k, v in results['models'].items()}
+    assert flops['deit_tiny_lambda25 merge_r=8'] < flops['deit_tiny_lambda25']
+    # merge kwargs of --model do not go to the baseline; a bad start is one error line
+    assert main(['bench', '--model', 'deit_tiny_lambda25', '--baseline', 'deit_tiny_patch16_224', '--repeats', '1',
+                 '--warmup', '0', '-b', '1', '--model-kwargs', *kwargs, 'merge_r=4', 'merge_start=1']) == 0
+    capsys.readouterr()
+    assert main(['bench', '--model', 'deit_tiny_patch16_224', '--merge-r', '4', '--merge-start', '20',
+                 '--model-kwargs', *kwargs]) == 2
+    assert 'timm-lambda bench: error: Merging start 20 is out of range' in capsys.readouterr().err
