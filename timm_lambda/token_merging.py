@@ -121,30 +121,40 @@ def merge_tokens(
         Tokens (B, N - r, C): [prefix, kept A tokens in their order, B tokens]; their sizes (B, N - r, 1).
     """
     P = num_prefix_tokens
+    B, N, C = x.shape
     if size is None:
-        size = x.new_ones(x.shape[0], x.shape[1], 1)
-    if not 0 <= r <= (x.shape[1] - P) // 2:
-        raise ValueError(f'Cannot merge {r} of {x.shape[1] - P} patch tokens: at most half of them.')
+        size = x.new_ones(B, N, 1)
+    if not 0 <= r <= (N - P) // 2:
+        raise ValueError(f'Cannot merge {r} of {N - P} patch tokens: at most half of them.')
     if r == 0:
         return x, size
     metric = metric[:, P:]
     metric = metric / metric.norm(dim=-1, keepdim=True)
     scores = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)  # A x B cosine similarities
-    best, partner = scores.max(dim=-1)
-    order = best.argsort(dim=-1, descending=True, stable=True)
-    src = order[:, :r, None]  # A tokens merged ...
-    dst = partner[..., None].gather(1, src)  # ... into these B tokens
-    kept = order[:, r:].sort(dim=-1).values[..., None]
+    order = scores.amax(dim=-1).argsort(dim=-1, descending=True, stable=True)
+    src = order[:, :r]  # A tokens merged ...
+    dst = scores.gather(1, src[..., None].expand(-1, -1, scores.shape[2])).argmax(dim=-1)  # ... into these B tokens
+    kept = order[:, r:].sort(dim=-1).values
+    num_kept, num_b = kept.shape[1], scores.shape[2]
 
-    s = size[:, P:]
-    xs = torch.cat([x[:, P:] * s, s], dim=-1)  # size-weighted sums and sizes move together
-    a, b = xs[:, ::2], xs[:, 1::2]
-    C = xs.shape[-1]
-    b = b.scatter_add(1, dst.expand(-1, -1, C), a.gather(1, src.expand(-1, -1, C)))
-    xs = torch.cat([a.gather(1, kept.expand(-1, -1, C)), b], dim=1)
-    merged_size = xs[..., -1:]
-    x = torch.cat([x[:, :P], xs[..., :-1] / merged_size], dim=1)
-    return x, torch.cat([size[:, :P], merged_size], dim=1)
+    # rows of x (flattened to B*N x C): A token i is P + 2i, B token j is P + 1 + 2j; row copies, no gathers
+    offset = torch.arange(B, device=x.device)[:, None] * N
+    rows = torch.cat([
+        torch.arange(P, device=x.device).expand(B, P), P + 2 * kept,
+        P + 1 + 2 * torch.arange(num_b, device=x.device).expand(B, num_b)], dim=1)
+    flat, flat_size = x.reshape(B * N, C), size.reshape(B * N, 1)
+    src_rows, dst_rows = (P + 2 * src + offset).flatten(), (P + 1 + 2 * dst + offset).flatten()
+    src_size = flat_size.index_select(0, src_rows).view(B, r, 1)
+    merged_size = size[:, P + 1::2].scatter_add(1, dst[..., None], src_size)
+    # dst + sum_i s_i (x_i - dst) / (s_dst + sum_i s_i): the size-weighted average of a B token and the A tokens
+    # merged into it, touching the r merged tokens only
+    delta = (flat.index_select(0, src_rows) - flat.index_select(0, dst_rows)).view(B, r, C) * (
+            src_size / merged_size.gather(1, dst[..., None]))
+    out = flat.index_select(0, (rows + offset).flatten()).view(B, N - r, C)
+    out_dst = (P + num_kept + dst + torch.arange(B, device=x.device)[:, None] * (N - r)).flatten()
+    out.view(B * (N - r), C).index_add_(0, out_dst, delta.view(B * r, C))
+    kept_size = flat_size.index_select(0, (rows[:, :P + num_kept] + offset).flatten()).view(B, P + num_kept, 1)
+    return out, torch.cat([kept_size, merged_size], dim=1)
 
 
 class MergingBlock(nn.Module):
