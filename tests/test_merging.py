@@ -194,6 +194,16 @@ def test_merged_models_run_and_keep_prefix_tokens(base_arch):
         model.forward_intermediates(x)
 
 
+def test_features_only_refuses_a_merged_model():
+    kwargs = dict(SMALL, depth=12)
+    x = torch.randn(1, 3, 32, 32)
+    features = timm.create_model('deit_tiny_lambda25', features_only=True, out_indices=(5, 11), **kwargs)
+    assert [f.shape[1] for f in features(x)] == [32, 32]
+    merged = timm.create_model('deit_tiny_lambda25', features_only=True, merge_r=4, **kwargs)
+    with pytest.raises(RuntimeError, match='features_only'):
+        merged(x)
+
+
 def test_lambda_model_kwargs_round_trip_through_local_dir(tmp_path):
     model = timm.create_model('deit_tiny_lambda25', merge_r=6, merge_start=1, **SMALL).eval()
     save_model_dir(model, tmp_path)
