@@ -209,6 +209,7 @@ class TokenMergingMixin:
     """`VisionTransformer` methods of a model whose attention blocks are `MergingBlock`s."""
 
     def merges_tokens(self) -> bool:
+        """Whether any attention block merges tokens (r > 0)."""
         return any(isinstance(b, MergingBlock) and b.r > 0 for b in self.blocks)
 
     def forward_tokens(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -258,6 +259,7 @@ class TokenMergingMixin:
         return self.head(self.head_drop(self.fc_norm(self.pool(x, size=size))))
 
     def forward_intermediates(self, x: torch.Tensor, *args, **kwargs):
+        """timm's `forward_intermediates` while no block merges; refused otherwise."""
         if self.merges_tokens():
             raise RuntimeError(
                 'forward_intermediates / features_only need the patch grid, which token merging removes: use '
