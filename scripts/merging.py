@@ -42,7 +42,8 @@ AUTHORS = [
 
 def _machine_state() -> str:
     load = ', '.join(f'{v:.2f}' for v in os.getloadavg())
-    return f'load average {load} on {os.cpu_count()} cores at {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC'
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return f'load average {load} on {os.cpu_count()} cores at {now:%Y-%m-%d %H:%M} UTC'
 
 
 def _hw(m: Dict[str, Any]) -> str:
@@ -111,7 +112,8 @@ def sweep(args: argparse.Namespace) -> None:
             models[name] = apply_token_merging(copy.deepcopy(model), r, args.start) if r else model
             top1 = evaluate_top1(models[name], loader, torch.device('cpu'), progress=False)
             with torch.no_grad():
-                tokens = models[name].forward_features(torch.randn(1, *resolve_data_config(model)['input_size'])).shape[1]
+                x = torch.randn(1, *resolve_data_config(model)['input_size'])
+                tokens = models[name].forward_features(x).shape[1]
             rows.append(dict(name=name, family=family, r=r, top1=top1, tokens=tokens))
             print(f'{name}: top-1 {top1:.2f}, {tokens} tokens at the end', flush=True)
     bench = compare_models(models, batch_size=args.batch_size, warmup=args.warmup, repeats=args.repeats,

@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import timm
 from timm_lambda import MergingBlock, MlpOnlyBlock, apply_token_merging, create_lambda_model, merge_schedule

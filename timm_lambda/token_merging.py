@@ -235,7 +235,12 @@ class TokenMergingMixin:
             return super().forward_features(x, attn_mask=attn_mask, is_causal=is_causal)
         return self.forward_tokens(x)[0]
 
-    def pool(self, x: torch.Tensor, pool_type: Optional[str] = None, size: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def pool(
+            self,
+            x: torch.Tensor,
+            pool_type: Optional[str] = None,
+            size: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         """timm's pooling; average pooling weighted by token size when `size` is given."""
         pool_type = self.global_pool if pool_type is None else pool_type
         if size is None or pool_type not in ('avg', 'avgmax'):
