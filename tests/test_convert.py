@@ -21,7 +21,7 @@ def converted(tmp_path_factory):
     kwargs = [f'{k}={v}' for k, v in TINY_VIT_KWARGS.items()]
     rc = main(['convert', '--model', TINY_VIT, '--model-kwargs', *kwargs, '--remove', '2', '--num-images', '64',
                '--train-samples', '256', '--val-samples', '128', '--epochs', '1', '--bench-repeats', '2',
-               '--repo', 'org/tiny-lambda', '--output', str(out)])
+               '--merge-r', '8', '--merge-start', '1', '--repo', 'org/tiny-lambda', '--output', str(out)])
     assert rc == 0
     return out
 
@@ -33,6 +33,9 @@ def test_summary_has_the_fields_and_the_files_exist(converted):
     assert len(summary['mlp_only_layers']) == 2
     assert summary['params_after'] < summary['params_before']
     assert summary['speedup'] > 0
+    assert 0 <= summary['top1_after_merge'] <= 100 and summary['speedup_merge'] > 0
+    merge_bench = json.loads(Path(summary['files']['bench_merge_json']).read_text())
+    assert set(merge_bench['models']) == {'converted merged', 'converted', 'original'}
     for name, path in summary['files'].items():
         assert Path(path).exists(), name
     selection = json.loads((converted / 'select' / 'selection.json').read_text())

@@ -11,5 +11,6 @@ from .models import (
     parse_layers,
     validate_layers,
 )
+from .token_merging import MergingBlock, apply_token_merging, merge_schedule
 
 __version__ = '0.1.0'

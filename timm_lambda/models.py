@@ -28,6 +28,8 @@ from timm.models import resolve_pretrained_cfg
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_filter_fn as vit_filter_fn
 
+from .token_merging import MergeR, apply_token_merging
+
 __all__ = [
     'LambdaVisionTransformer', 'LambdaVisionTransformerDistilled', 'MlpOnlyBlock',
     'create_lambda_model', 'checkpoint_filter_fn', 'parse_layers', 'validate_layers', 'is_lambda_model',
@@ -119,20 +121,43 @@ class LambdaVisionTransformer(VisionTransformer):
     Args:
         mlp_only_layers: Indices of the blocks whose attention is removed.
         skip_factor: Scale of the residual stream in place of the removed attention.
+        merge_r: Tokens merged per attention block (ToMe, `apply_token_merging`), or a list per attention block
+            from `merge_start` on; 0: no merging.
+        merge_start: First attention block that merges, attention blocks counted (1 = the second one).
         **kwargs: `VisionTransformer` arguments.
     """
 
-    def __init__(self, *args, mlp_only_layers: Sequence[int] = (), skip_factor: float = 2.0, **kwargs) -> None:
+    def __init__(
+            self,
+            *args,
+            mlp_only_layers: Sequence[int] = (),
+            skip_factor: float = 2.0,
+            merge_r: MergeR = 0,
+            merge_start: int = 0,
+            **kwargs,
+    ) -> None:
         super().__init__(*args, **kwargs)
         _remove_attention(self, mlp_only_layers, skip_factor)
+        if merge_r:
+            apply_token_merging(self, merge_r, merge_start)
 
 
 class LambdaVisionTransformerDistilled(VisionTransformerDistilled):
-    """DeiT `VisionTransformerDistilled` (class + distillation tokens) with MLP-only blocks."""
+    """DeiT `VisionTransformerDistilled` (class + distillation tokens) with MLP-only blocks (and token merging)."""
 
-    def __init__(self, *args, mlp_only_layers: Sequence[int] = (), skip_factor: float = 2.0, **kwargs) -> None:
+    def __init__(
+            self,
+            *args,
+            mlp_only_layers: Sequence[int] = (),
+            skip_factor: float = 2.0,
+            merge_r: MergeR = 0,
+            merge_start: int = 0,
+            **kwargs,
+    ) -> None:
         super().__init__(*args, **kwargs)
         _remove_attention(self, mlp_only_layers, skip_factor)
+        if merge_r:
+            apply_token_merging(self, merge_r, merge_start)
 
 
 def checkpoint_filter_fn(
@@ -391,10 +416,11 @@ def vit_lambda(
 ) -> VisionTransformer:
     """ The lambda form of any timm ViT / DeiT / DeiT-III architecture `base_arch`.
 
-    `mlp_only_layers` and `skip_factor` in kwargs; the base's own arguments, pretrained config
-    (with `pretrained`, the base's weights) and checkpoint filter are reused.
+    `mlp_only_layers`, `skip_factor`, `merge_r` and `merge_start` in kwargs; the base's own arguments,
+    pretrained config (with `pretrained`, the base's weights) and checkpoint filter are reused.
     """
     build_kwargs = {k: kwargs.pop(k) for k in _BUILD_KWARGS if k in kwargs}
+    lambda_args = {k: kwargs.pop(k) for k in ('merge_r', 'merge_start') if k in kwargs}
     mlp_only_layers = kwargs.pop('mlp_only_layers', ())
     skip_factor = kwargs.pop('skip_factor', 2.0)
     base_cls, base_filter_fn, model_args = vit_model_args(base_arch, **kwargs)
@@ -404,4 +430,4 @@ def vit_lambda(
     return _create_lambda_vit(
         'vit_lambda', pretrained=pretrained, distilled=issubclass(base_cls, VisionTransformerDistilled),
         base_filter_fn=base_filter_fn, pretrained_cfg=pretrained_cfg, mlp_only_layers=mlp_only_layers,
-        skip_factor=skip_factor, **build_kwargs, **model_args)
+        skip_factor=skip_factor, **lambda_args, **build_kwargs, **model_args)

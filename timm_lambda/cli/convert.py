@@ -31,6 +31,7 @@ from .common import (
     add_calibration_args, add_data_args, add_model_args, add_output_arg, calibration_loader_from_args,
     create_eval_dataset_from_args, model_from_args, resolve_device,
 )
+from .bench import add_merge_args, bench_merging
 from .dilute import add_dilution_args
 from .finetune import add_recipe_arg, add_train_args, train_config_from_args
 from .profile import save_profile
@@ -127,6 +128,11 @@ def run(args: argparse.Namespace) -> int:
                       images_seen=config.epochs * (config.train_samples or len(train_dataset))),
         command=shlex.join(['timm-lambda', *sys.argv[1:]]) if sys.argv[1:2] == ['convert'] else None,
     )
+    if args.merge_r:
+        _log(f'token merging: r={args.merge_r} from attention block {args.merge_start}, with and without')
+        merge_summary, merge_files = bench_merging(converted, model, val_loader, args, device, out / 'bench_merge')
+        summary.update(merge_summary)
+        files.update(merge_files)
     summary_path = out / 'summary.json'
     write_json(summary_path, dict(summary, files=files))  # the card reads it
     _log('export: Hub-ready folder with the model card')
@@ -144,6 +150,9 @@ def run(args: argparse.Namespace) -> int:
     print(f'top-1  before {top1_before:.2f}   zero-shot {top1_zero_shot:.2f}   after dilution {top1_after:.2f}')
     print(f'params {summary["params_before"]:,} -> {summary["params_after"]:,}   '
           f'speedup x{summary["speedup"]:.3f} (throughput, batch {args.bench_batch_size}, {device.type})')
+    if args.merge_r:
+        print(f'token merging r={args.merge_r}: top-1 {summary["top1_after_merge"]:.2f}   '
+              f'speedup x{summary["speedup_merge"]:.3f}')
     if bench['noisy']:
         print(f'warning: noisy timings ({", ".join(bench["noisy"])}): the speedup is rough (bench/bench.md)')
     print(f'wrote {summary_path} ({summary["time_s"]:.0f} s)')
@@ -169,6 +178,7 @@ def add_parser(subparsers) -> None:
     g.add_argument('--bench-batch-size', type=int, default=8, help='images per forward pass (default: %(default)s)')
     g.add_argument('--bench-repeats', type=int, default=10, help='timed rounds (default: %(default)s)')
     g.add_argument('--threads', type=int, default=None, help='CPU threads for torch (default: torch\'s)')
+    add_merge_args(parser)
     add_output_arg(parser, default='output/convert')
     parser.add_argument('--repo', metavar='ORG/NAME', help='Hub repo the export will be pushed to (the model card\'s '
                                                           'usage snippet and title)')
