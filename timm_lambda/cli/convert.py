@@ -25,6 +25,7 @@ from ..reference import REFERENCE_MODEL
 from ..dilution import TARGETS
 from ..models import parse_layers
 from ..selection import given_selection, num_layers_to_remove, select_layers, zero_shot_top1
+from ..token_merging import merge_schedule
 from ..train import train
 from ..atomic import write_json
 from .common import (
@@ -88,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
             model, calib_loader, k, args.criterion, seed=args.seed, device=device, amp=args.amp,
             progress=_is_main(), **nose_kwargs_from_args(args))
     layers = tuple(selection['mlp_only_layers'])
+    if args.merge_r:  # the converted model's attention blocks are known now: check the merging before training
+        merge_schedule(args.merge_r, len(model.blocks) - len(layers), args.merge_start)
     if _is_main():
         paths = save_profile(dict(model=args.model, dataset=args.dataset, split=args.train_split, **profile),
                              out / 'profile')
