@@ -23,7 +23,7 @@ from ..evaluate import evaluate_top1
 from ..hub import export_model
 from ..reference import REFERENCE_MODEL
 from ..selection import num_layers_to_remove, select_layers, zero_shot_top1
-from ..train import train
+from ..train import check_run_output, train
 from ..atomic import write_json
 from .common import (
     add_calibration_args, add_data_args, add_model_args, add_output_arg, calibration_loader_from_args,
@@ -56,6 +56,7 @@ def _log(message: str) -> None:
 def run(args: argparse.Namespace) -> int:
     start = time.time()
     out = Path(args.output)
+    check_run_output(out / 'dilute', args.resume, args.overwrite)  # before the profiling, not after it
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
