@@ -9,7 +9,7 @@ import pickle
 import re
 import zipfile
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 import torch
 
@@ -17,26 +17,37 @@ __all__ = ['CheckpointError', 'load_torch_file', 'describe_load_error', 'trainin
 
 # what torch names when `weights_only=True` refuses a pickled object
 _REFUSED_GLOBAL = re.compile(r'(?:Trying to load unsupported GLOBAL|Unsupported global: GLOBAL) ([\w.<>]+)')
-_UNPICKLER_ERROR = re.compile(r'WeightsUnpickler error: ([^\n]*)')
+_UNPICKLER_ERROR = re.compile(r'WeightsUnpickler error:\s*([^\n]+)')
+_ADVICE = re.compile(r'[^.\n]*weights_only[^.\n]*\.?')  # never suggest turning the safety off
 
 
 class CheckpointError(ValueError):
     """A checkpoint file cannot be read safely (missing, corrupt, truncated, or holding arbitrary objects)."""
 
 
+def _chain(e: BaseException) -> List[BaseException]:
+    chain = []
+    while e is not None and e not in chain:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    return chain
+
+
 def describe_load_error(e: BaseException) -> str:
-    """Why `torch.load(weights_only=True)` failed, in one line without torch's advice to turn the safety off."""
-    text = str(e)
-    refused = _REFUSED_GLOBAL.search(text)
-    if refused:
-        return (f'refusing to unpickle it: it holds Python objects other than tensors ({refused.group(1)}), '
-                f'and unpickling them could run arbitrary code')
-    if isinstance(e, pickle.UnpicklingError):
-        detail = _UNPICKLER_ERROR.search(text)
-        text = detail.group(1) if detail else (text.strip().splitlines() or [''])[-1]
+    """Why `torch.load(weights_only=True)` failed (also through timm's loader, which wraps the error), in one
+    line without torch's advice to turn the safety off."""
+    chain = _chain(e)
+    for err in chain:
+        refused = _REFUSED_GLOBAL.search(str(err))
+        if refused:
+            return (f'refusing to unpickle it: it holds Python objects other than tensors ({refused.group(1)}), '
+                    f'and unpickling them could run arbitrary code')
+    details = [d.group(1) for d in map(_UNPICKLER_ERROR.search, map(str, chain)) if d]
+    e = chain[-1]  # the first cause
+    text = details[0] if details else _ADVICE.sub('', str(e)).strip()
     truncated = isinstance(e, (EOFError, zipfile.BadZipFile)) or 'PytorchStreamReader' in text
     return (f'not a readable PyTorch checkpoint ({"corrupt or truncated? " if truncated else ""}'
-            f'{type(e).__name__}: {text.strip()})')
+            f'{type(e).__name__}: {text})')
 
 
 def load_torch_file(path: os.PathLike) -> Any:

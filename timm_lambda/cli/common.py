@@ -4,6 +4,7 @@ import argparse
 import errno
 import json
 import os
+import pickle
 import re
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -217,7 +218,10 @@ _ERRNO_WORDS = {
     errno.EEXIST: 'already exists', errno.EFBIG: 'file too large', errno.EIO: 'input/output error',
 }
 # the errors bad input and a broken environment raise; anything else is a bug, said as such
-_EXPECTED = (OSError, ValueError, TypeError, KeyError, RuntimeError, ImportError)
+_EXPECTED = (OSError, ValueError, TypeError, KeyError, RuntimeError, ImportError, pickle.UnpicklingError)
+# torch's load_state_dict, said shorter
+_SIZE_MISMATCH = re.compile(r'copying a param with shape torch\.Size\(\[([^\]]*)\]\) from checkpoint, '
+                            r'the shape in current model is torch\.Size\(\[([^\]]*)\]\)')
 MAX_LINES = 4
 MAX_CHARS = 600
 
@@ -262,7 +266,7 @@ def error_message(e: BaseException) -> str:
             words += ' (no space left on device)'
         where = ' -> '.join(str(f) for f in (e.filename, e.filename2) if f is not None)
         text = f'{where}: {words}' if where else words
-    elif 'weights_only' in str(e):
+    elif isinstance(e, pickle.UnpicklingError) or 'weights_only' in str(e):
         text = describe_load_error(e)
     elif isinstance(e, KeyError):
         text = f'missing key {e}'
@@ -270,6 +274,7 @@ def error_message(e: BaseException) -> str:
         text = str(e) or type(e).__name__
         if 'No space left on device' in text or 'os error 28' in text:
             text = f'disk full: {text}'
+    text = _SIZE_MISMATCH.sub(r'checkpoint [\1], model [\2]', text)
     lines = [_few_quoted(line.strip()) for line in text.splitlines() if line.strip()]
     if len(lines) > MAX_LINES:
         lines = lines[:MAX_LINES] + [f'... and {len(lines) - MAX_LINES} more lines']
