@@ -42,13 +42,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format='%(message)s')
     args = build_parser().parse_args(argv)
     try:
-        if getattr(args, 'output', None):
+        if getattr(args, 'output', None) is not None:
             check_output(args.output)
         return args.func(args) or 0
     except Exception as e:
         if args.debug:
             raise
-        print(f'timm-lambda {args.command}: error: {error_message(e)}', file=sys.stderr)
+        message = error_message(e)
+        if isinstance(e, OSError) and e.errno is not None and e.filename is None and getattr(args, 'output', None):
+            message += f' (writing into --output {args.output})'
+        print(f'timm-lambda {args.command}: error: {message}', file=sys.stderr)
         return 2
 
 

@@ -121,8 +121,12 @@ def create_model_source(name: str, pretrained: bool = False, **kwargs) -> torch.
         if not is_source:
             raise
         raise ValueError(f'Cannot load {name}: {error_message(e)}') from e
-    except (ExportError, FileNotFoundError):
+    except ExportError:
         raise
+    except FileNotFoundError as e:
+        if not name.startswith('hf-hub:'):
+            raise
+        raise FileNotFoundError(f'Cannot load {name}: {error_message(e)}') from e
     except Exception as e:
         if not is_source:
             raise
