@@ -126,6 +126,7 @@ class Workspace:
         self.bad_selection.write_text('{"mlp_only_layers": [1, ')
         self.old_bench = self.full / 'bench'
         write_json(self.old_bench / 'bench.json', {'old': True})
+        (self.old_bench / 'bench.md').write_text('| an old result |\n')
         if self.real_mounts:
             _fill(self.full)
 

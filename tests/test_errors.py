@@ -129,12 +129,18 @@ def test_disk_full_inside_torch_save_names_the_file():
         '/out/last.pth: disk full (no space left on device)'
 
 
-def test_disk_full_output_through_a_command(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize('command, written_first', [
+    (['profile', '--num-images', '8', '-j', '0'], 'entropy.json'), (['bench', '--repeats', '1'], 'bench.md'),
+])
+def test_disk_full_output_through_a_command(tmp_path, monkeypatch, capsys, command, written_first):
+    """The command stops with `disk full`, naming the file; an earlier result in the folder is left whole."""
     out = tmp_path / 'out'
+    write_json(out / written_first, {'an': 'earlier result'})
+    before = _files(out)
     monkeypatch.setattr(atomic.os, 'fsync', _disk_full)
-    assert main(['profile', *MODEL_ARGS, '--num-images', '8', '-j', '0', '--output', str(out)]) == 2
-    assert _error(capsys, 'profile').endswith(f'{out / "entropy.json"}: disk full (no space left on device)')
-    assert not [p for p in out.rglob('*') if p.name.endswith('.tmp')]
+    assert main([command[0], *MODEL_ARGS, *command[1:], '--output', str(out)]) == 2
+    assert _error(capsys, command[0]).endswith(f'{out / written_first}: disk full (no space left on device)')
+    assert _files(out) == before
 
 
 # --- corrupt weights, unreadable checkpoints, wrong architectures -------------------------------------------------------
@@ -168,7 +174,7 @@ class _Payload:
     (b'PK\x03\x04broken zip', 'not a readable PyTorch checkpoint'),
     (pickle.dumps({'model': 1}), 'not a readable PyTorch checkpoint'),
     (None, 'refusing to unpickle it: it holds Python objects other than tensors (posix.system)'),
-])
+], ids=['empty', 'broken-zip', 'plain-pickle', 'code'])
 def test_unreadable_initial_checkpoint(tmp_path, capsys, content, cause):
     path = tmp_path / 'ckpt.pth'
     if content is None:

@@ -9,7 +9,7 @@ from typing import IO, Any, Iterator, Optional
 
 import torch
 
-__all__ = ['file_mode', 'write_json', 'torch_save', 'os_error']
+__all__ = ['file_mode', 'write_json', 'write_text', 'save_figure', 'torch_save', 'os_error']
 
 
 def file_mode(base: int = 0o666) -> int:
@@ -59,6 +59,22 @@ def write_json(path: os.PathLike, obj: Any) -> Path:
     with _temp_file(path, 'w') as f:
         json.dump(obj, f, indent=2)
         f.write('\n')
+    return path
+
+
+def write_text(path: os.PathLike, text: str) -> Path:
+    """Write `text` (UTF-8) to `path`, atomically."""
+    path = Path(path)
+    with _temp_file(path, 'w') as f:
+        f.write(text)
+    return path
+
+
+def save_figure(fig: Any, path: os.PathLike, **kwargs) -> Path:
+    """`fig.savefig` to `path` (format from its suffix), atomically."""
+    path = Path(path)
+    with _temp_file(path, 'wb') as f:
+        fig.savefig(f, format=path.suffix.lstrip('.') or None, **kwargs)
     return path
 
 

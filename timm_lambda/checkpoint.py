@@ -5,7 +5,6 @@ cannot be read that way: it names the file and the cause, never torch's advice t
 """
 import argparse
 import os
-import pickle
 import re
 import zipfile
 from pathlib import Path
