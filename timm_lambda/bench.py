@@ -6,7 +6,6 @@ throughput ratio of two models is the median of their per-round ratios (the rati
 beside it). A model whose timings spread widely (interquartile range over `NOISY_SPREAD` of the median: a busy
 machine) is flagged `noisy` in the results, the table and the plot.
 """
-import json
 import os
 import platform
 import statistics
@@ -21,6 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import timm
 from timm.models import get_model_input_config
 
+from .atomic import save_figure, write_json, write_text
 from .evaluate import autocast
 
 __all__ = ['compare_models', 'count_params', 'count_flops', 'machine_info', 'format_markdown', 'plot_results',
@@ -284,7 +284,7 @@ def plot_results(results: Dict[str, Any], path: os.PathLike) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
     return path
 
@@ -294,7 +294,7 @@ def write_results(results: Dict[str, Any], output_dir: os.PathLike, command: Opt
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = {'json': output_dir / 'bench.json', 'markdown': output_dir / 'bench.md', 'plot': output_dir / 'bench.png'}
-    paths['markdown'].write_text(format_markdown(results, command))
+    write_text(paths['markdown'], format_markdown(results, command))
     plot_results(results, paths['plot'])
-    paths['json'].write_text(json.dumps(dict(results, command=command, files={k: str(v) for k, v in paths.items()}), indent=2) + '\n')
+    write_json(paths['json'], dict(results, command=command, files={k: str(v) for k, v in paths.items()}))
     return {k: str(v) for k, v in paths.items()}

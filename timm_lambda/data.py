@@ -31,6 +31,7 @@ FASHION_MNIST_DEB_DIR = Path(os.environ.get('FASHION_MNIST_DIR', '/usr/share/dat
 _FASHION_MNIST_FILES = (
     'train-images-idx3-ubyte', 'train-labels-idx1-ubyte', 't10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')
 _TRAIN_SPLITS = ('train', 'training')
+_EVAL_SPLITS = ('validation', 'val', 'valid', 'eval', 'evaluation')  # timm's synonyms of a held-out split
 
 
 def default_data_dir() -> Path:
@@ -71,7 +72,10 @@ def create_dataset(
     `sklearn-digits`.
 
     For `fashion-mnist`, a split named `train`/`training` is the 60k training set, anything else the
-    10k test set; for `sklearn-digits` (`DigitsDataset`) the same with its 1,348 / 449 split. Raises a clear error when the data is missing or empty.
+    10k test set; for `sklearn-digits` (`DigitsDataset`) the same with its 1,348 / 449 split. An image folder
+    must have a subfolder for a held-out split (`validation` also finds `val`, `eval`, ...): timm would fall
+    back to the whole folder, the training images. Raises a clear error when the data or the split is
+    missing, or empty.
     """
     if name == FASHION_MNIST:
         from torchvision.datasets import FashionMNIST
@@ -80,12 +84,14 @@ def create_dataset(
     elif name == DIGITS:
         dataset = DigitsDataset(train=split in _TRAIN_SPLITS, transform=transform)
     else:
-        if not name and not (data_dir and Path(data_dir).is_dir()):
+        if not name and not (data_dir and Path(data_dir).exists()):
             raise FileNotFoundError(f'Dataset folder {data_dir!r} does not exist.')
+        if not name:
+            _check_held_out_split(Path(data_dir), split)
         try:
             dataset = timm_create_dataset(
                 name, root=str(data_dir) if data_dir else None, split=split, is_training=is_training, **kwargs)
-        except (RuntimeError, AssertionError, FileNotFoundError) as e:
+        except (RuntimeError, AssertionError, FileNotFoundError, ValueError) as e:
             raise FileNotFoundError(f'Cannot read dataset {name or data_dir!r} (split {split!r}): {e}') from e
         if transform is not None:
             dataset.transform = transform
@@ -127,6 +133,25 @@ class DigitsDataset(Dataset):
         if self.transform is not None:
             image = self.transform(image)
         return image, self.targets[index]
+
+
+def _check_held_out_split(root: Path, split: str) -> None:
+    """Refuse a held-out split an image folder (or archive) does not have.
+
+    timm reads the whole of `root` when it has no subfolder for the split: right for the training split, but
+    for a held-out one it would evaluate on the training images without saying so.
+    """
+    name = split.split('[')[0]
+    if name in _TRAIN_SPLITS:
+        return
+    names = (name,) + tuple(s for s in _EVAL_SPLITS if s != name and name in _EVAL_SPLITS)
+    if root.is_dir() and any((root / n).exists() for n in names):
+        return
+    where = f'no subfolder {" / ".join(names)}' if root.is_dir() else 'a single archive has no splits'
+    raise FileNotFoundError(
+        f'Dataset {root} has no {split!r} split ({where}): timm would read all of it, so the held-out images '
+        f'would be the training images. Put held-out images in {root / name}/ (a folder per class), or name '
+        f'the folder that holds them with --val-split.')
 
 
 def seeded_subset(dataset: Dataset, num_samples: Optional[int], seed: int = 42) -> Dataset:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from .atomic import save_figure
 from .evaluate import autocast
 
 __all__ = [
@@ -253,5 +254,5 @@ def plot_entropy(profile: Dict[str, Any], path: os.PathLike, title: Optional[str
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=150)
+    save_figure(fig, path, dpi=150)
     return path

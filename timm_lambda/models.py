@@ -22,13 +22,14 @@ from torch import nn
 
 import timm
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, clean_state_dict, generate_default_cfgs, register_model
 from timm.models import get_model_args, get_pretrained_cfg, is_model, model_entrypoint, split_model_name_tag
 from timm.models import resolve_pretrained_cfg
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_filter_fn as vit_filter_fn
 
 from .token_merging import MergeR, apply_token_merging
+from .checkpoint import load_torch_file, training_state_dict
 
 __all__ = [
     'LambdaVisionTransformer', 'LambdaVisionTransformerDistilled', 'MlpOnlyBlock',
@@ -206,6 +207,24 @@ def _check_pretrained_source(variant: str, kwargs: Dict[str, Any]) -> None:
         f'"Checkpoints" section of the authors\' README ({_OFFICIAL_REPO}): download it, convert it with '
         f'`timm-lambda import-official {ckpt} --arch {variant} --output DIR`, then load it with '
         f'`timm.create_model(\'local-dir:DIR\', pretrained=True)`. Use `pretrained=False` for random init.')
+def _non_ema_weights(overlay: Optional[Dict[str, Any]]) -> Optional[Dict[str, torch.Tensor]]:
+    """The non-EMA weights of a PyTorch checkpoint given as `pretrained_cfg_overlay=dict(file=...)`, else None.
+
+    timm's `load_state_dict` takes `model_ema` (or `state_dict_ema`) over `model` (`state_dict`) when a file
+    holds both, before any checkpoint filter sees it; the paper's results (and timm's own `--initial-checkpoint`
+    default) use the non-EMA weights, so they are read here and handed to timm as the state dict.
+    """
+    file = (overlay or {}).get('file')
+    if not file or overlay.get('state_dict') is not None or overlay.get('custom_load') \
+            or str(file).endswith(('.safetensors', '.npz')):
+        return None
+    checkpoint = load_torch_file(file)
+    key = next((k for k in ('model', 'state_dict') if isinstance(checkpoint, dict) and k in checkpoint), None)
+    state_dict = training_state_dict({'model': checkpoint[key]} if key else checkpoint, file)
+    ema = [k for k in ('model_ema', 'state_dict_ema') if key and checkpoint.get(k) is not None]
+    if ema:
+        _logger.info(f'Loading `{key}` from {file}, not its `{ema[0]}` (the published results use `{key}`).')
+    return clean_state_dict(state_dict)
 
 
 def _create_lambda_vit(variant: str, pretrained: bool = False, distilled: bool = False, **kwargs) -> VisionTransformer:
@@ -214,7 +233,10 @@ def _create_lambda_vit(variant: str, pretrained: bool = False, distilled: bool =
     out_indices = kwargs.pop('out_indices', 3)
     base_filter_fn = kwargs.pop('base_filter_fn', partial(vit_filter_fn, adapt_layer_scale=True))
     model_cls = LambdaVisionTransformerDistilled if distilled else LambdaVisionTransformer
-    return build_model_with_cfg(
+    state_dict = _non_ema_weights(kwargs.get('pretrained_cfg_overlay')) if pretrained else None
+    if state_dict is not None:
+        kwargs['pretrained_cfg_overlay'] = dict(kwargs['pretrained_cfg_overlay'], state_dict=state_dict)
+    model = build_model_with_cfg(
         model_cls,
         variant,
         pretrained,
@@ -222,6 +244,12 @@ def _create_lambda_vit(variant: str, pretrained: bool = False, distilled: bool =
         feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
         **kwargs,
     )
+    if state_dict is not None:  # the config keeps the file, not the weights
+        for module in (model, *model.children()):
+            cfg = getattr(module, 'pretrained_cfg', None)
+            if isinstance(cfg, dict) and 'state_dict' in cfg:
+                module.pretrained_cfg = module.default_cfg = {k: v for k, v in cfg.items() if k != 'state_dict'}
+    return model
 
 
 # `build_model_with_cfg` options of `vit_lambda` itself, not passed on to the base's entrypoint

@@ -7,26 +7,21 @@ removed layers may still be there), `model_ema`, `optimizer`, `lr_scheduler`, `e
 import argparse
 import logging
 import os
-import pickle
-import re
-import zipfile
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 import timm
 
+from .checkpoint import load_torch_file, state_dict_key, training_state_dict
 from .hub import save_model_dir
-from .models import checkpoint_filter_fn
+from .models import LambdaVisionTransformer, LambdaVisionTransformerDistilled, checkpoint_filter_fn
 
 __all__ = ['load_official_checkpoint', 'load_into_model', 'import_official']
 
 _logger = logging.getLogger(__name__)
-
-_STATE_DICT_KEYS = ('model', 'net')  # where the authors' loader looks, in its order; never `model_ema`
-_REFUSED_GLOBAL = re.compile(r'(Trying to load unsupported GLOBAL [^\n]*|Unsupported global: [^\n]*)')
 
 
 def load_official_checkpoint(path: os.PathLike) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
@@ -36,39 +31,16 @@ def load_official_checkpoint(path: os.PathLike) -> Tuple[Dict[str, torch.Tensor]
         The state dict under `model` (or `net`, the other key their loader accepts; never `model_ema`) and
         the checkpoint's other entries (`model_ema`, `epoch`, `args`, ...).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f'Checkpoint {path} does not exist.')
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as e:
-        refused = _REFUSED_GLOBAL.search(str(e))
-        if refused:
-            raise ValueError(
-                f'{path} holds Python objects other than tensors and an argparse.Namespace; refusing to unpickle '
-                f'it, as that could run arbitrary code ({refused.group(1).strip()}).') from None
-        raise ValueError(f'{path} is not a readable PyTorch checkpoint: {str(e).splitlines()[-1] or e}') from None
-    except (EOFError, RuntimeError, zipfile.BadZipFile) as e:
-        raise ValueError(f'{path} is not a readable PyTorch checkpoint: {type(e).__name__} {e}') from None
-    if not isinstance(checkpoint, dict):
-        raise ValueError(f'{path} holds a {type(checkpoint).__name__}, not a checkpoint dict.')
-    key = next((k for k in _STATE_DICT_KEYS if k in checkpoint), None)
-    if key is not None:
-        state_dict = checkpoint[key]
-    elif checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-        state_dict = checkpoint  # a bare state dict
-    else:
-        raise ValueError(
-            f'{path} has no `model` or `net` entry (entries: {sorted(checkpoint)}); the released results use '
-            f'`model`, not `model_ema`.')
-    if not isinstance(state_dict, dict) or not state_dict:
-        raise ValueError(f'The `{key}` entry of {path} is not a state dict.')
-    not_tensors = sorted(k for k, v in state_dict.items() if not isinstance(v, torch.Tensor))
-    if not_tensors:
-        raise ValueError(f'The `{key}` entry of {path} has non-tensor values: {not_tensors[:5]}.')
-    others = {} if state_dict is checkpoint else {k: v for k, v in checkpoint.items() if k != key}
+    checkpoint = load_torch_file(path)
+    state_dict = training_state_dict(checkpoint, path)
+    key = state_dict_key(checkpoint)
+    others = {k: v for k, v in checkpoint.items() if k != key} if key else {}
     return state_dict, others
+
+
+def _few(items: List[str], n: int = 4) -> str:
+    """A few items and a count of the rest, so a message stays one readable line."""
+    return f'{items[:n]}' + (f' and {len(items) - n} more' if len(items) > n else '')
 
 
 def load_into_model(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, Any]:
@@ -85,14 +57,14 @@ def load_into_model(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Di
     problems = []
     missing = sorted(set(expected) - set(filtered))
     if missing:
-        problems.append(f'missing from the checkpoint: {missing[:8]}{" ..." if len(missing) > 8 else ""}')
+        problems.append(f'missing from the checkpoint: {_few(missing)}')
     unexpected = sorted(set(filtered) - set(expected))
     if unexpected:
-        problems.append(f'not in the architecture: {unexpected[:8]}{" ..." if len(unexpected) > 8 else ""}')
-    for k in sorted(set(filtered) & set(expected)):
-        if filtered[k].shape != expected[k].shape:
-            problems.append(
-                f'{k} has shape {tuple(filtered[k].shape)} in the checkpoint, {tuple(expected[k].shape)} in the model')
+        problems.append(f'not in the architecture: {_few(unexpected)}')
+    wrong = [f'{k} has shape {tuple(filtered[k].shape)} in the checkpoint, {tuple(expected[k].shape)} in the model'
+             for k in expected if k in filtered and filtered[k].shape != expected[k].shape]  # in model order
+    if wrong:
+        problems.append(', '.join(wrong[:4]) + (f' and {len(wrong) - 4} more tensors' if len(wrong) > 4 else ''))
     if problems:
         raise ValueError('Checkpoint layout disagrees with the architecture: ' + '; '.join(problems) + '.')
     model.load_state_dict(filtered, strict=True)
@@ -111,6 +83,19 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_json_safe(v) for v in value]
     return value if isinstance(value, (str, int, float, bool)) or value is None else repr(value)
+
+
+def _create_lambda_arch(arch: str, model_kwargs: Dict[str, Any]) -> nn.Module:
+    """The lambda architecture `arch` (random weights); a clear error for names that are not one."""
+    if not timm.is_model(arch):
+        raise ValueError(f'Unknown architecture {arch!r}: give the lambda architecture the checkpoint was trained '
+                         f'as, e.g. deit_base_lambda40, or vit_lambda with --model-kwargs base_arch=... '
+                         f'mlp_only_layers=...')
+    model = timm.create_model(arch, pretrained=False, **model_kwargs)
+    if not isinstance(model, (LambdaVisionTransformer, LambdaVisionTransformerDistilled)):
+        raise ValueError(f'{arch!r} builds a {type(model).__name__}, not a lambda ViT: give the lambda architecture '
+                         f'the checkpoint was trained as, e.g. deit_base_lambda40 (timm.list_models("*lambda*")).')
+    return model
 
 
 def import_official(
@@ -132,8 +117,8 @@ def import_official(
     Returns:
         A summary: source, architecture, layout, parameters, dropped keys, the checkpoint's epoch and args.
     """
+    model = _create_lambda_arch(arch, model_kwargs or {})
     state_dict, others = load_official_checkpoint(checkpoint_path)
-    model = timm.create_model(arch, pretrained=False, **(model_kwargs or {}))
     dropped = load_into_model(state_dict, model)
     save_model_dir(model.eval(), output_dir)
     _logger.info(f'Wrote {arch} from {checkpoint_path} to {output_dir}.')

@@ -42,6 +42,7 @@ from timm.utils import ModelEmaV3, NativeScaler, dispatch_clip_grad, random_seed
 from timm.utils.distributed import init_distributed_device_so, is_distributed_env
 
 from .atomic import torch_save, write_json
+from .checkpoint import load_torch_file
 from .data import (
     TransformDataset, create_eval_loader, create_train_loader, eval_transform, resolve_data_config,
     seeded_subset, train_transform,
@@ -53,7 +54,7 @@ from .models import validate_layers
 
 __all__ = [
     'TrainConfig', 'TrainResult', 'Trainer', 'NonFiniteLossError', 'kd_loss', 'set_drop_path', 'train',
-    'CHECKPOINT_NAME', 'SCHEDULERS', 'AMP_DTYPES', 'DROP_PATH_RULES',
+    'check_run_output', 'CHECKPOINT_NAME', 'SCHEDULERS', 'AMP_DTYPES', 'DROP_PATH_RULES',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -140,6 +141,7 @@ class TrainConfig:
     device: str = field(default_factory=lambda: 'cuda' if torch.cuda.is_available() else 'cpu')
     checkpoint_every: int = 0  # steps; 0: every epoch only
     resume: Optional[str] = None  # a checkpoint file, or an output folder holding one
+    overwrite: bool = False  # start a new run in a folder that holds another run's checkpoint
     log_interval: int = 50
     progress: bool = True
 
@@ -476,10 +478,7 @@ class Trainer:
 
     def load_checkpoint(self, path: Path) -> None:
         """Continue exactly where the checkpoint left off (this process's RNG states included)."""
-        try:
-            state = torch.load(path, map_location='cpu', weights_only=True)
-        except Exception as e:
-            raise ValueError(f'Cannot read checkpoint {path}: {e}') from e
+        state = load_torch_file(path)
         if not isinstance(state, dict) or 'global_step' not in state:
             raise ValueError(f'{path} is not a timm-lambda training checkpoint.')
         saved, now = state['config'], asdict(self.config)
@@ -542,6 +541,21 @@ def _resolve_checkpoint(resume: str) -> Path:
     return path
 
 
+def check_run_output(output: os.PathLike, resume: Optional[os.PathLike] = None, overwrite: bool = False) -> None:
+    """Refuse to start a new run in a folder that holds another run's checkpoint (unless `overwrite`).
+
+    Resuming that very checkpoint is fine; resuming another one would overwrite it, and so is refused too.
+    """
+    checkpoint = Path(output) / CHECKPOINT_NAME
+    if overwrite or not checkpoint.is_file():
+        return
+    if resume is not None and _resolve_checkpoint(resume).resolve() == checkpoint.resolve():
+        return
+    raise FileExistsError(
+        f'{output} holds another run\'s checkpoint ({checkpoint}): continue that run with --resume {output}, '
+        f'start over with --overwrite (replaces its files), or choose a new --output.')
+
+
 def _evaluate(model: nn.Module, loader: Iterable, device: torch.device, config: TrainConfig, world_size: int) -> float:
     """Top-1 (%) over the validation shards of all ranks."""
     top1 = evaluate_top1(
@@ -589,6 +603,7 @@ def train(
             raise ValueError(f'The teacher predicts {getattr(teacher, "num_classes", "?")} classes, the model '
                              f'{model.num_classes}: distillation needs the same classes (or turn it off, --no-kd).')
     resume = _resolve_checkpoint(config.resume) if config.resume else None
+    check_run_output(config.output, resume, config.overwrite)
     device, rank, world_size, created_group = _init_distributed(config.device)
     try:
         return _train(model, train_dataset, val_dataset, config, teacher, resume, device, rank, world_size)

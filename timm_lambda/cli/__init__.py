@@ -1,4 +1,9 @@
-"""The `timm-lambda` command: one subcommand per module in this package that defines `add_parser`."""
+"""The `timm-lambda` command: one subcommand per module in this package that defines `add_parser`.
+
+Every failure ends in one line, `timm-lambda COMMAND: error: ...`, naming the file and the cause
+(`--debug` shows the traceback instead); what can be checked before the work starts (where results go)
+is checked first.
+"""
 import argparse
 import importlib
 import logging
@@ -6,11 +11,20 @@ import pkgutil
 import sys
 from typing import List, Optional
 
+from .common import check_output, error_message
+
 __all__ = ['main', 'build_parser']
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser with one-line errors: `PROG: error: MESSAGE (see PROG --help)`."""
+
+    def error(self, message: str):
+        self.exit(2, f'{self.prog}: error: {message} (see `{self.prog} --help`)\n')
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog='timm-lambda',
         description='Remove the attention layers a pretrained ViT does not need (NOSE + dilution learning).')
     subparsers = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
@@ -18,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
         module = importlib.import_module(f'{__name__}.{info.name}')
         if hasattr(module, 'add_parser'):
             module.add_parser(subparsers)
+    for sub in subparsers.choices.values():
+        if '--debug' not in sub._option_string_actions:
+            sub.add_argument('--debug', action='store_true', help='show the traceback of an error')
     return parser
 
 
@@ -25,11 +42,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format='%(message)s')
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, 'output', None) is not None:
+            check_output(args.output)
         return args.func(args) or 0
-    except (ValueError, TypeError, FileNotFoundError, KeyError, RuntimeError) as e:
-        if getattr(args, 'debug', False):
+    except Exception as e:
+        if args.debug:
             raise
-        print(f'timm-lambda {args.command}: error: {e}', file=sys.stderr)
+        message = error_message(e)
+        if isinstance(e, OSError) and e.errno is not None and e.filename is None and getattr(args, 'output', None):
+            message += f' (writing into --output {args.output})'
+        print(f'timm-lambda {args.command}: error: {message}', file=sys.stderr)
         return 2
 
 

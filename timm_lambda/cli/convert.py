@@ -26,7 +26,7 @@ from ..dilution import TARGETS
 from ..models import parse_layers
 from ..selection import given_selection, num_layers_to_remove, select_layers, zero_shot_top1
 from ..token_merging import merge_schedule
-from ..train import train
+from ..train import check_run_output, train
 from ..atomic import write_json
 from .common import (
     add_calibration_args, add_data_args, add_model_args, add_output_arg, calibration_loader_from_args,
@@ -61,6 +61,7 @@ def _log(message: str) -> None:
 def run(args: argparse.Namespace) -> int:
     start = time.time()
     out = Path(args.output)
+    check_run_output(out / 'dilute', args.resume, args.overwrite)  # before the profiling, not after it
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)

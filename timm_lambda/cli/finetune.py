@@ -12,13 +12,15 @@ from dataclasses import fields
 from typing import Optional, Sequence
 
 import torch
-import timm
+from timm.models.vision_transformer import VisionTransformer, init_weights_vit_timm
 
 from ..atomic import write_json
 from ..data import create_dataset
 from ..recipes import RECIPES, apply_recipe
-from ..train import AMP_DTYPES, DROP_PATH_RULES, SCHEDULERS, TrainConfig, train
-from .common import _WEIGHT_SOURCES, add_data_args, add_model_args, add_output_arg, create_model_from_args
+from ..train import AMP_DTYPES, CHECKPOINT_NAME, DROP_PATH_RULES, SCHEDULERS, TrainConfig, train
+from .common import (
+    _WEIGHT_SOURCES, add_data_args, add_model_args, add_output_arg, create_model_from_args, create_model_source,
+)
 
 __all__ = ['add_parser', 'add_train_args', 'add_recipe_arg', 'run_training', 'train_config_from_args']
 
@@ -66,6 +68,9 @@ def add_train_args(parser: argparse.ArgumentParser, kd_default: bool) -> None:
     g.add_argument('--val-samples', type=int, default=None, metavar='N', help='validate on a seeded subset of N images; None: all (default: %(default)s)')
     g.add_argument('--resume', default=None, metavar='PATH',
                    help='continue a run from its checkpoint (a last.pth, or the run\'s --output folder)')
+    g.add_argument('--overwrite', action='store_true',
+                   help=f'start a new run in an --output folder that holds another run\'s {CHECKPOINT_NAME} '
+                        f'(replaces its files; without it such a run is refused)')
     g.add_argument('--checkpoint-every', type=int, default=d.checkpoint_every, metavar='STEPS',
                    help='also checkpoint every STEPS optimizer steps (default: every epoch only)')
     g.add_argument('--log-interval', type=int, default=d.log_interval, metavar='STEPS',
@@ -128,19 +133,33 @@ def add_recipe_arg(parser: argparse.ArgumentParser, default: str = 'default') ->
     parser.parse_known_args = parse_known_args  # what the `timm-lambda` parser calls on its subcommand
 
 
-def run_training(args: argparse.Namespace, layers: Sequence[int] = ()) -> int:
-    """Build the model, teacher and data from the flags and train (dilute when `layers`)."""
+def _new_classifier(model: torch.nn.Module, num_classes: int) -> None:
+    """Replace the classifier by a new one of `num_classes` outputs (timm's ViT initialization for ViTs)."""
+    model.reset_classifier(num_classes)
+    if isinstance(model, VisionTransformer):
+        heads = model.get_classifier()
+        for head in heads if isinstance(heads, tuple) else (heads,):
+            init_weights_vit_timm(head)
+
+
+def run_training(args: argparse.Namespace, layers: Sequence[int] = (), new_head: bool = False) -> int:
+    """Build the model, teacher and data from the flags and train (dilute when `layers`; with `new_head`, a
+    new classifier of --num-classes outputs)."""
     trained = args.pretrained or args.model.startswith(_WEIGHT_SOURCES) or args.initial_checkpoint or args.resume
     if int(os.environ.get('RANK', 0)) == 0 and not trained:
         _logger.warning('Training from random weights: pass --pretrained (or --initial-checkpoint) to start '
                         'from trained ones.')
     torch.manual_seed(args.seed)  # the same initial weights on every rank
-    model = create_model_from_args(args)
+    if new_head:  # the weights with their own classifier (so --initial-checkpoint loads whole), then a new one
+        model = create_model_from_args(argparse.Namespace(**dict(vars(args), num_classes=None)))
+        _new_classifier(model, args.num_classes)
+    else:
+        model = create_model_from_args(args)
     teacher = None
     if args.teacher:
         if not args.kd:
             raise ValueError('--teacher is for distillation: add --kd.')
-        teacher = timm.create_model(args.teacher, pretrained=True)
+        teacher = create_model_source(args.teacher, pretrained=True)
     train_dataset = create_dataset(args.dataset, args.data_dir, split=args.train_split, is_training=True)
     val_dataset = create_dataset(args.dataset, args.data_dir, split=args.val_split)
     result = train(model, train_dataset, val_dataset, train_config_from_args(args, layers), teacher=teacher)
@@ -163,7 +182,7 @@ def train_config_from_args(args: argparse.Namespace, layers: Sequence[int] = (),
 def _run(args: argparse.Namespace) -> int:
     if args.kd and not args.teacher:
         raise ValueError('Fine-tuning with --kd needs a --teacher MODEL that knows the new classes.')
-    return run_training(args)
+    return run_training(args, new_head=args.num_classes is not None)
 
 
 def add_parser(subparsers) -> None:
@@ -172,7 +191,8 @@ def add_parser(subparsers) -> None:
         description='Fine-tune a model on a dataset: the dilution trainer without dilution. '
                     'Give --num-classes for a new classifier; distillation is off unless --kd. The default '
                     'recipe, small, suits small downstream sets; --recipe imagenet is timm\'s DeiT recipe.')
-    add_model_args(parser)
+    add_model_args(parser, num_classes_help='a new, randomly initialized classifier of N classes, also when the '
+                                            'model already has N (default: keep the model\'s classifier)')
     add_data_args(parser)
     add_output_arg(parser)
     add_train_args(parser, kd_default=False)
