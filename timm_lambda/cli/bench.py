@@ -13,25 +13,18 @@ from torch import nn
 from ..bench import compare_models, format_markdown, write_results
 from ..evaluate import evaluate_top1
 from ..token_merging import apply_token_merging
-from .common import add_model_args, create_model_from_args, resolve_device
+from .common import add_model_args, create_model_from_args, non_negative_int, resolve_device
 
 __all__ = ['add_parser', 'add_merge_args', 'with_merging', 'bench_merging']
 
 _MERGE_KWARGS = ('merge_r', 'merge_start')
 
 
-def _non_negative_int(value: str) -> int:
-    n = int(value)
-    if n < 0:
-        raise argparse.ArgumentTypeError(f'must be >= 0, got {value}')
-    return n
-
-
 def add_merge_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group('token merging')
-    g.add_argument('--merge-r', type=_non_negative_int, default=0, metavar='R',
+    g.add_argument('--merge-r', type=non_negative_int, default=0, metavar='R',
                    help='also run the models with R tokens merged in each attention block (ToMe; default: off)')
-    g.add_argument('--merge-start', type=_non_negative_int, default=0, metavar='I',
+    g.add_argument('--merge-start', type=non_negative_int, default=0, metavar='I',
                    help='first attention block that merges, attention blocks counted: 1 = the second '
                         '(default: %(default)s)')
 

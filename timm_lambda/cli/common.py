@@ -24,7 +24,8 @@ from ..models import parse_layers
 __all__ = [
     'add_model_args', 'add_data_args', 'add_output_arg', 'add_layers_args', 'create_model_from_args',
     'data_config_from_args', 'create_eval_dataset_from_args', 'resolve_device', 'layers_from_args',
-    'positive_int', 'add_calibration_args', 'model_from_args', 'calibration_loader_from_args', 'layers_arg',
+    'positive_int', 'non_negative_int', 'add_calibration_args', 'model_from_args', 'calibration_loader_from_args',
+    'layers_arg',
     'create_model_source', 'check_output', 'error_message',
 ]
 
@@ -178,6 +179,13 @@ def create_eval_dataset_from_args(args: argparse.Namespace, model: torch.nn.Modu
     return create_dataset(
         args.dataset, args.data_dir, split=split or args.val_split,
         transform=eval_transform(data_config_from_args(args, model)))
+
+
+def non_negative_int(value: str) -> int:
+    n = int(value)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f'must be >= 0, got {value}')
+    return n
 
 
 def positive_int(value: str) -> int:
