@@ -34,7 +34,7 @@ from timm_lambda.data import create_dataset, create_eval_loader
 from timm_lambda.evaluate import evaluate_top1
 from timm_lambda.reference import REFERENCE_MODEL, reference_training
 from timm_lambda.selection import num_layers_to_remove, select_layers, zero_shot_top1
-from timm_lambda.train import train
+from timm_lambda.train import CHECKPOINT_NAME, train
 
 # criterion name in the table -> select_layers arguments
 CRITERIA: Dict[str, Dict[str, Any]] = {
@@ -87,12 +87,17 @@ def main() -> None:
     val_dataset = create_dataset(cargs.dataset, cargs.data_dir, split=cargs.val_split)
     teacher = copy.deepcopy(model)  # frozen by the trainer; `model` stays trainable for each run's copy
     budget = cargs.epochs * (cargs.train_samples or len(train_dataset))
+    for key, value in (('model', cargs.model), ('images_per_dilution', budget)):
+        if done.get(key, value) != value:
+            parser.error(f'{results_path} was made with {key} {done[key]}, not {value}: '
+                         'resume it with the same convert flags, or choose another --output')
     reference_budget = reference_training()['images_seen'] if cargs.model == REFERENCE_MODEL else None
+    command = shlex.join(['python', 'scripts/evidence.py', *[a for a in sys.argv[1:] if a != '--resume']])
     done.update(
         model=cargs.model, top1_before=evaluate_top1(model, val_loader, device, desc='original'),
         images_per_dilution=budget, reference_images=reference_budget,
-        budget_fraction=budget / reference_budget if reference_budget else None, seeds=args.seeds,
-        command=shlex.join(['python', 'scripts/evidence.py', *[a for a in sys.argv[1:] if a != '--resume']]))
+        budget_fraction=budget / reference_budget if reference_budget else None,
+        commands=list(dict.fromkeys([*done.get('commands', []), command])))
 
     zero_shot: Dict[Tuple[int, ...], float] = {tuple(r['mlp_only_layers']): r['top1_zero_shot'] for r in done['runs']}
     for ratio in args.ratios:
@@ -119,9 +124,10 @@ def main() -> None:
                 if (layers, seed) in trained:
                     run.update({key: trained[layers, seed][key] for key in ('top1_after', 'metrics')})
                 else:
-                    name_dir = f'r{ratio}-{"_".join(map(str, layers))}-s{seed}'
-                    config = train_config_from_args(cargs, layers, output=str(out / 'runs' / name_dir),
-                                                    seed=seed, progress=False)
+                    run_dir = out / 'runs' / f'r{ratio}-{"_".join(map(str, layers))}-s{seed}'
+                    interrupted = args.resume and (run_dir / CHECKPOINT_NAME).is_file()  # a killed run's training
+                    config = train_config_from_args(cargs, layers, output=str(run_dir), seed=seed, progress=False,
+                                                    resume=str(run_dir) if interrupted else None)
                     result = train(copy.deepcopy(model), train_dataset, val_dataset, config, teacher=teacher)
                     run['top1_after'] = evaluate_top1(result.model, val_loader, device, desc='converted')
                     run['metrics'] = result.metrics
@@ -164,7 +170,9 @@ def markdown(done: Dict[str, Any]) -> str:
         f'images seen{fraction}. Mean and sample std over `n` seeds (the dilution\'s seed, and the selection\'s for '
         f'`random`); each seed\'s figure in the last column.',
         '',
-        f'Command: `{done["command"]}`',
+        'Made by:',
+        '',
+        *[f'    {c}' for c in done['commands']],
         '',
         '| removed | criterion | blocks | top-1 zero-shot | top-1 after (mean ± std) | n | change | each seed |',
         '|---|---|---|---:|---:|---:|---:|---|',
