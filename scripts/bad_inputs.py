@@ -252,7 +252,7 @@ def cases(ws: Workspace) -> List[Tuple[str, List[str], str]]:
         ('import-official, unknown --arch', ['import-official', str(ws.deit), '--arch', 'nope', '--output', out],
          "Unknown architecture 'nope'"),
         ('import-official, only model_ema', ['import-official', str(ws.ema_only), '--arch', 'deit_tiny_lambda25',
-                                             '--output', out], 'no `model` or `net` entry'),
+                                             '--output', out], 'no `model`, `net` or `state_dict` entry'),
         ('import-official, checkpoint of another layout',
          ['import-official', str(ws.wide), '--arch', 'vit_lambda', '--model-kwargs', 'base_arch=vit_tiny_patch16_224',
           'mlp_only_layers=[1]', *[f'{k}={v}' for k, v in TINY.items()], '--output', out], 'more tensors'),

@@ -304,17 +304,21 @@ def test_empty_layers_is_an_error(tmp_path, capsys):
     assert not (tmp_path / 'out' / CHECKPOINT_NAME).exists()
 
 
-def test_overlay_checkpoint_with_model_ema_loads_model(tmp_path, caplog):
-    """timm's own loader takes `model_ema` from such a file; the lambda models take `model`."""
+@pytest.mark.parametrize('key, ema_key', [('model', 'model_ema'), ('net', 'model_ema'),
+                                          ('state_dict', 'state_dict_ema')])
+def test_overlay_checkpoint_with_an_ema_loads_the_model(tmp_path, caplog, key, ema_key):
+    """timm's own loader takes the EMA from such a file (DeiT's, the authors' `net`, timm's train.py); the lambda
+    models take the non-EMA weights."""
     base = timm.create_model('deit_tiny_patch16_224')
     sd = base.state_dict()
     path = tmp_path / 'deit_tiny_training.pth'
-    torch.save({'model': sd, 'model_ema': {k: v + 1 for k, v in sd.items()}, 'epoch': 299,
+    torch.save({key: sd, ema_key: {k: v + 1 for k, v in sd.items()}, 'epoch': 299,
                 'args': argparse.Namespace(model_ema=True)}, path)
-    assert torch.equal(timm.models.load_state_dict(str(path))['cls_token'], sd['cls_token'] + 1)  # timm: EMA
+    if key != 'net':  # timm does not read `net`
+        assert torch.equal(timm.models.load_state_dict(str(path))['cls_token'], sd['cls_token'] + 1)  # timm: EMA
     with caplog.at_level(logging.INFO, logger='timm_lambda.models'):
         model = timm.create_model('deit_tiny_lambda25', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
-    assert f'Loading `model` from {path}, not its `model_ema`' in caplog.text
+    assert f'Loading `{key}` from {path}, not its `{ema_key}`' in caplog.text
     for k, v in model.state_dict().items():
         assert torch.equal(v, sd[k]), k
     assert 'state_dict' not in model.pretrained_cfg and model.pretrained_cfg['file'] == str(path)
@@ -332,3 +336,27 @@ def test_finetune_num_classes_always_gives_a_new_classifier(tiny_export, tmp_pat
     assert not torch.allclose(new['head.weight'], before['head.weight'], atol=1e-3)
     torch.testing.assert_close(kept['head.weight'], before['head.weight'], atol=1e-5, rtol=0)
     torch.testing.assert_close(new['blocks.0.mlp.fc1.weight'], before['blocks.0.mlp.fc1.weight'], atol=1e-5, rtol=0)
+
+
+def test_ctrl_c_is_one_line_naming_the_checkpoint_to_resume(tmp_path, capsys, monkeypatch):
+    """Ctrl-C after the first checkpoint: one line (no traceback) naming the checkpoint and the --resume to add,
+    exit 130; the named resume finishes the run."""
+    from timm_lambda.train import Trainer
+    steps = []
+    train_step = Trainer.train_step
+
+    def ctrl_c_at_step_2(self, images, targets):
+        steps.append(1)
+        if len(steps) == 2:
+            raise KeyboardInterrupt
+        return train_step(self, images, targets)
+    monkeypatch.setattr(Trainer, 'train_step', ctrl_c_at_step_2)
+    run = tmp_path / 'run'
+    args = ['finetune', *MODEL_ARGS, *QUICK_TRAIN, '--checkpoint-every', '1', '--output', str(run)]
+    assert main(args) == 130
+    err = capsys.readouterr().err
+    assert 'Traceback' not in err and err.endswith('\n')
+    assert err.splitlines()[-1] == (f'timm-lambda finetune: interrupted; {run / CHECKPOINT_NAME} is kept: '
+                                    f'add --resume {run} to the same command to continue')  # a line of its own
+    assert main([*args, '--resume', str(run)]) == 0
+    assert (run / 'model.safetensors').is_file()

@@ -98,7 +98,7 @@ def test_missing_file_and_non_checkpoint_content(tmp_path):
     with pytest.raises(ValueError, match='not a checkpoint dict'):
         load_official_checkpoint(tmp_path / 'list.pth')
     torch.save({'model_ema': {'w': torch.zeros(1)}, 'epoch': 3}, tmp_path / 'ema_only.pth')
-    with pytest.raises(ValueError, match='no `model` or `net` entry.*not `model_ema`'):
+    with pytest.raises(ValueError, match='no `model`, `net` or `state_dict` entry.*not `model_ema`'):
         load_official_checkpoint(tmp_path / 'ema_only.pth')
 
 
@@ -137,5 +137,5 @@ def test_state_dict_under_net(tmp_path):
     assert state_dict.keys() == sd.keys() and all(torch.equal(state_dict[k], sd[k]) for k in sd)
     assert sorted(others) == ['epoch', 'model_ema']
     torch.save({'model_ema': ema, 'epoch': 3}, path)
-    with pytest.raises(ValueError, match='no `model` or `net` entry'):
+    with pytest.raises(ValueError, match='no `model`, `net` or `state_dict` entry'):
         load_official_checkpoint(path)

@@ -63,17 +63,17 @@ def load_torch_file(path: os.PathLike) -> Any:
         raise CheckpointError(f'Cannot read checkpoint {path}: {describe_load_error(e)}.') from None
 
 
-STATE_DICT_KEYS = ('model', 'net')  # where DeiT-style loaders (the authors' included) look, in order
+STATE_DICT_KEYS = ('model', 'net', 'state_dict')  # DeiT-style loaders (the authors' included), then timm's
 
 
 def state_dict_key(checkpoint: Any) -> Optional[str]:
-    """The entry of a training checkpoint that holds the model weights (`model`, else `net`; never `model_ema`)."""
+    """The entry of a training checkpoint that holds the model weights (`model`, `net` or `state_dict`; never EMA)."""
     return next((k for k in STATE_DICT_KEYS if isinstance(checkpoint, dict) and k in checkpoint), None)
 
 
 def training_state_dict(checkpoint: Any, path: os.PathLike) -> Dict[str, torch.Tensor]:
-    """The model weights of a checkpoint: its `model` (or `net`) entry, never `model_ema`, or the dict itself when
-    it is a bare state dict. DeiT-style training checkpoints hold both; the published results use `model`."""
+    """The model weights of a checkpoint: its `model` (or `net`, or timm's `state_dict`) entry, never the EMA, or
+    the dict itself when it is a bare state dict. Training checkpoints hold both; the published results use `model`."""
     key = state_dict_key(checkpoint)
     if key is not None:
         state_dict = checkpoint[key]
@@ -81,8 +81,8 @@ def training_state_dict(checkpoint: Any, path: os.PathLike) -> Dict[str, torch.T
         state_dict, key = checkpoint, 'model'
     elif isinstance(checkpoint, dict):
         raise CheckpointError(
-            f'{path} has no `model` or `net` entry (entries: {sorted(map(str, checkpoint))[:8]}); the released '
-            f'results use `model`, not `model_ema`.')
+            f'{path} has no `model`, `net` or `state_dict` entry (entries: {sorted(map(str, checkpoint))[:8]}); '
+            'the released results use `model`, not `model_ema`.')
     else:
         raise CheckpointError(f'{path} holds a {type(checkpoint).__name__}, not a checkpoint dict.')
     if not isinstance(state_dict, dict) or not state_dict:

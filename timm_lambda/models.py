@@ -29,7 +29,7 @@ from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_filter_fn as vit_filter_fn
 
 from .token_merging import MergeR, apply_token_merging
-from .checkpoint import load_torch_file, training_state_dict
+from .checkpoint import load_torch_file, state_dict_key, training_state_dict
 
 __all__ = [
     'LambdaVisionTransformer', 'LambdaVisionTransformerDistilled', 'MlpOnlyBlock',
@@ -219,7 +219,7 @@ def _non_ema_weights(overlay: Optional[Dict[str, Any]]) -> Optional[Dict[str, to
             or str(file).endswith(('.safetensors', '.npz')):
         return None
     checkpoint = load_torch_file(file)
-    key = next((k for k in ('model', 'state_dict') if isinstance(checkpoint, dict) and k in checkpoint), None)
+    key = state_dict_key(checkpoint)
     state_dict = training_state_dict({'model': checkpoint[key]} if key else checkpoint, file)
     ema = [k for k in ('model_ema', 'state_dict_ema') if key and checkpoint.get(k) is not None]
     if ema:

@@ -2,15 +2,19 @@
 
 Every failure ends in one line, `timm-lambda COMMAND: error: ...`, naming the file and the cause
 (`--debug` shows the traceback instead); what can be checked before the work starts (where results go)
-is checked first.
+is checked first. Ctrl-C ends in one line too, naming the checkpoint kept and how to continue from it.
 """
 import argparse
 import importlib
 import logging
 import pkgutil
 import sys
+from pathlib import Path
 from typing import List, Optional
 
+from tqdm import tqdm
+
+from ..train import CHECKPOINT_NAME
 from .common import check_output, error_message
 
 __all__ = ['main', 'build_parser']
@@ -38,6 +42,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _close_progress_bars() -> None:
+    """End the progress bars an error or Ctrl-C left open, so that the error line starts a line of its own."""
+    for bar in list(getattr(tqdm, '_instances', ())):
+        bar.close()
+
+
+def _interrupted(args: argparse.Namespace) -> str:
+    """What Ctrl-C leaves: the run's checkpoint (training commands keep it in --output, convert in its `dilute`)."""
+    output = getattr(args, 'output', None)
+    for folder in (Path(output), Path(output) / 'dilute') if output else ():
+        if (folder / CHECKPOINT_NAME).is_file():
+            return (f'interrupted; {folder / CHECKPOINT_NAME} is kept: add --resume {folder} to the same command '
+                    'to continue')
+    return 'interrupted'
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format='%(message)s')
     args = build_parser().parse_args(argv)
@@ -45,9 +65,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         if getattr(args, 'output', None) is not None:
             check_output(args.output)
         return args.func(args) or 0
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        _close_progress_bars()
+        print(f'timm-lambda {args.command}: {_interrupted(args)}', file=sys.stderr)
+        return 130
     except Exception as e:
         if args.debug:
             raise
+        _close_progress_bars()
         message = error_message(e)
         if isinstance(e, OSError) and e.errno is not None and e.filename is None and getattr(args, 'output', None):
             message += f' (writing into --output {args.output})'
