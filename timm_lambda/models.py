@@ -116,8 +116,8 @@ def _remove_attention(model: VisionTransformer, mlp_only_layers: Sequence[int], 
         model.blocks[i] = MlpOnlyBlock.from_block(model.blocks[i], skip_factor=skip_factor)
 
 
-class LambdaVisionTransformer(VisionTransformer):
-    """timm `VisionTransformer` whose blocks in `mlp_only_layers` are `MlpOnlyBlock`s.
+class _LambdaLayout:
+    """Mixin for a timm ViT class: its blocks in `mlp_only_layers` become `MlpOnlyBlock`s (and tokens may merge).
 
     Args:
         mlp_only_layers: Indices of the blocks whose attention is removed.
@@ -125,7 +125,7 @@ class LambdaVisionTransformer(VisionTransformer):
         merge_r: Tokens merged per attention block (ToMe, `apply_token_merging`), or a list per attention block
             from `merge_start` on; 0: no merging.
         merge_start: First attention block that merges, attention blocks counted (1 = the second one).
-        **kwargs: `VisionTransformer` arguments.
+        **kwargs: The ViT class's arguments.
     """
 
     def __init__(
@@ -143,22 +143,12 @@ class LambdaVisionTransformer(VisionTransformer):
             apply_token_merging(self, merge_r, merge_start)
 
 
-class LambdaVisionTransformerDistilled(VisionTransformerDistilled):
-    """DeiT `VisionTransformerDistilled` (class + distillation tokens) with MLP-only blocks (and token merging)."""
+class LambdaVisionTransformer(_LambdaLayout, VisionTransformer):
+    """timm `VisionTransformer` with MLP-only blocks (and token merging); arguments in `_LambdaLayout`."""
 
-    def __init__(
-            self,
-            *args,
-            mlp_only_layers: Sequence[int] = (),
-            skip_factor: float = 2.0,
-            merge_r: MergeR = 0,
-            merge_start: int = 0,
-            **kwargs,
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        _remove_attention(self, mlp_only_layers, skip_factor)
-        if merge_r:
-            apply_token_merging(self, merge_r, merge_start)
+
+class LambdaVisionTransformerDistilled(_LambdaLayout, VisionTransformerDistilled):
+    """DeiT `VisionTransformerDistilled` (class + distillation tokens) with MLP-only blocks (and token merging)."""
 
 
 def checkpoint_filter_fn(
