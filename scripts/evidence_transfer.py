@@ -8,7 +8,7 @@ with one budget and several seeds, through `timm-lambda finetune`.
 
 Each finished run is recorded in OUTPUT/transfer.json at once (`--resume` continues a killed run; a new one
 refuses to overwrite another's file); OUTPUT/transfer.md holds the table. Extra `timm-lambda finetune` flags
-go after `--` (the defaults: its `small` recipe, 10 epochs, batch 64).
+go after `--` (the defaults: its `small` recipe, 30 epochs, batch 64).
 """
 import argparse
 import json
@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument('--lambda-model', required=True, help='its lambda form, e.g. local-dir:runs/convert/export')
     parser.add_argument('--output', default='docs/evidence')
     parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
-    parser.add_argument('--epochs', type=int, default=10)
+    parser.add_argument('--epochs', type=int, default=30)
     parser.add_argument('--resume', action='store_true', help='continue the runs recorded in OUTPUT/transfer.json')
     parser.add_argument('finetune_args', nargs=argparse.REMAINDER, help='after --: more `finetune` flags')
     args = parser.parse_args()
