@@ -10,7 +10,7 @@ a fraction of the reference's training. A layout chosen by several criteria is t
 
 Every finished run is appended to OUTPUT/evidence.json at once, so a killed run resumes where it stopped
 (`--resume` continues, a new run refuses to overwrite another run's file). OUTPUT/evidence.md (the table) and
-OUTPUT/evidence.png (the plot) are written from the JSON; `--report` only rewrites them.
+OUTPUT/evidence.png (the plot) are written from the JSON; `--report` only recomputes the rows and rewrites them.
 
     python scripts/evidence.py --output docs/evidence --seeds 0 1 2 --threads 2
     python scripts/evidence.py --output docs/evidence --seeds 0 1 2 --threads 2 --resume   # after a kill
@@ -59,14 +59,18 @@ def main() -> None:
     parser.add_argument('--criteria', nargs='+', default=list(CRITERIA), choices=list(CRITERIA))
     parser.add_argument('--threads', type=int, default=None)
     parser.add_argument('--resume', action='store_true', help='continue the runs recorded in OUTPUT/evidence.json')
-    parser.add_argument('--report', action='store_true', help='only write evidence.md / .png from evidence.json')
+    parser.add_argument('--report', action='store_true',
+                        help='only recompute the rows of evidence.json and redraw evidence.md / .png from its runs')
     parser.add_argument('convert_args', nargs=argparse.REMAINDER,
                         help='after --: `timm-lambda convert` flags (model, data, dilution budget)')
     args = parser.parse_args()
     out = Path(args.output)
     results_path = out / 'evidence.json'
     if args.report:
-        report(json.loads(results_path.read_text()), out)
+        done = json.loads(results_path.read_text())
+        done['rows'] = aggregate(done['runs'])
+        write_json(results_path, done)
+        report(done, out)
         return
     if results_path.is_file() and not args.resume:
         parser.error(f'{results_path} holds another run\'s results: add --resume to continue it, or choose --output')
@@ -144,7 +148,9 @@ def main() -> None:
 def aggregate(runs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """One row per (ratio, criterion): mean, std and each seed's top-1 after dilution."""
     rows = []
-    for key in dict.fromkeys((r['ratio'], r['criterion']) for r in runs):
+    order = list(CRITERIA)
+    for key in sorted(dict.fromkeys((r['ratio'], r['criterion']) for r in runs),
+                      key=lambda k: (k[0], order.index(k[1]) if k[1] in order else len(order))):
         group = sorted((r for r in runs if (r['ratio'], r['criterion']) == key), key=lambda r: r['seed'])
         after = [r['top1_after'] for r in group]
         layouts = [r['mlp_only_layers'] for r in group]
@@ -152,7 +158,7 @@ def aggregate(runs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
             ratio=key[0], removed=group[0]['removed'], criterion=key[1], mlp_only_layers=layouts[0],
             top1_zero_shot=statistics.fmean(r['top1_zero_shot'] for r in group),
             top1_after=statistics.fmean(after), top1_after_mean=statistics.fmean(after),
-            top1_after_std=statistics.stdev(after) if len(after) > 1 else 0.0, n=len(after),
+            top1_after_std=statistics.stdev(after) if len(after) > 1 else None, n=len(after),  # None: one seed
             seeds=[r['seed'] for r in group], top1_after_seeds=after,
             **({'mlp_only_layers_seeds': layouts} if any(l != layouts[0] for l in layouts) else {})))
     return rows
@@ -182,9 +188,15 @@ def markdown(done: Dict[str, Any]) -> str:
                   if 'mlp_only_layers_seeds' in r else ','.join(map(str, r['mlp_only_layers'])))
         lines.append(
             f'| {r["removed"]} ({100 * r["ratio"]:.0f}%) | {r["criterion"]} | {blocks} | {r["top1_zero_shot"]:.2f} | '
-            f'{r["top1_after_mean"]:.2f} ± {r["top1_after_std"]:.2f} | {r["n"]} | '
+            f'{_mean_std(r)} | {r["n"]} | '
             f'{r["top1_after_mean"] - done["top1_before"]:+.2f} | {", ".join(f"{v:.2f}" for v in r["top1_after_seeds"])} |')
     return '\n'.join(lines) + '\n'
+
+
+def _mean_std(row: Dict[str, Any]) -> str:
+    """`mean ± std`, or the one seed's figure alone."""
+    std = row['top1_after_std']
+    return f'{row["top1_after_mean"]:.2f}' + ('' if std is None else f' ± {std:.2f}')
 
 
 def plot(done: Dict[str, Any], path: Path) -> None:
@@ -203,7 +215,7 @@ def plot(done: Dict[str, Any], path: Path) -> None:
                      zorder=3 if name == 'nose' else 2, capsize=3)
         offset = (i - len(criteria) / 2) * 0.25  # keep overlapping error bars apart
         after_ax.errorbar([v + offset for v in x], [r['top1_after_mean'] for r in group],
-                          yerr=[r['top1_after_std'] for r in group], **style)
+                          yerr=[r['top1_after_std'] or 0. for r in group], **style)
         zero_ax.plot(x, [r['top1_zero_shot'] for r in group], **{k: v for k, v in style.items() if k != 'capsize'})
     for ax, title in ((after_ax, 'after dilution (mean ± std over seeds)'), (zero_ax, 'zero-shot (no training)')):
         ax.axhline(done['top1_before'], color='black', linestyle='--', linewidth=1, label='unmodified')
@@ -212,11 +224,13 @@ def plot(done: Dict[str, Any], path: Path) -> None:
         ax.set_title(title)
         ax.set_xticks(sorted({100 * r['ratio'] for r in rows}))
         ax.grid(alpha=.3)
-    lo = min(r['top1_after_mean'] - r['top1_after_std'] for r in rows)
+    lo = min(r['top1_after_mean'] - (r['top1_after_std'] or 0.) for r in rows)
     after_ax.set_ylim(max(lo - 0.5, 0), max(done['top1_before'], max(r['top1_after_mean'] for r in rows)) + 0.5)
     zero_ax.legend(fontsize=8, loc='lower left')
+    seeds = ', '.join(f'{max(r["n"] for r in rows if r["ratio"] == ratio)} at {100 * ratio:.0f}%'
+                      for ratio in sorted({r['ratio'] for r in rows}))
     fig.suptitle(f'{Path(done["model"].split(":", 1)[-1]).name or done["model"]}: attention removed by each '
-                 f'criterion, {max(r["n"] for r in rows)} seeds')
+                 f'criterion; seeds per point: {seeds}; dilution: {done["images_per_dilution"]:,} images')
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=150)
