@@ -150,7 +150,7 @@ def aggregate(runs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     rows = []
     order = list(CRITERIA)
     for key in sorted(dict.fromkeys((r['ratio'], r['criterion']) for r in runs),
-                      key=lambda k: (k[0], order.index(k[1]) if k[1] in order else len(order))):
+                      key=lambda k: (k[0], order.index(k[1]))):
         group = sorted((r for r in runs if (r['ratio'], r['criterion']) == key), key=lambda r: r['seed'])
         after = [r['top1_after'] for r in group]
         layouts = [r['mlp_only_layers'] for r in group]

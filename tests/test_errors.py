@@ -360,3 +360,14 @@ def test_ctrl_c_is_one_line_naming_the_checkpoint_to_resume(tmp_path, capsys, mo
                                     f'add --resume {run} to the same command to continue')  # a line of its own
     assert main([*args, '--resume', str(run)]) == 0
     assert (run / 'model.safetensors').is_file()
+
+
+def test_ctrl_c_in_convert_names_its_dilution_checkpoint(tmp_path):
+    """convert keeps its training run in OUTPUT/dilute: that is the folder Ctrl-C's line names for --resume."""
+    from timm_lambda.cli import _interrupted, build_parser
+    out = tmp_path / 'convert'
+    args = build_parser().parse_args(['convert', '--output', str(out)])
+    assert _interrupted(args) == 'interrupted'  # nothing kept yet
+    torch_save({'global_step': 3}, (out / 'dilute').mkdir(parents=True) or out / 'dilute' / CHECKPOINT_NAME)
+    assert _interrupted(args) == (f'interrupted; {out / "dilute" / CHECKPOINT_NAME} is kept: '
+                                  f'add --resume {out / "dilute"} to the same command to continue')

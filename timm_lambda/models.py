@@ -210,7 +210,7 @@ def _non_ema_weights(overlay: Optional[Dict[str, Any]]) -> Optional[Dict[str, to
         return None
     checkpoint = load_torch_file(file)
     key = state_dict_key(checkpoint)
-    state_dict = training_state_dict({'model': checkpoint[key]} if key else checkpoint, file)
+    state_dict = training_state_dict(checkpoint, file)
     ema = [k for k in ('model_ema', 'state_dict_ema') if key and checkpoint.get(k) is not None]
     if ema:
         _logger.info(f'Loading `{key}` from {file}, not its `{ema[0]}` (the published results use `{key}`).')

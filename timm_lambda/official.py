@@ -28,7 +28,8 @@ def load_official_checkpoint(path: os.PathLike) -> Tuple[Dict[str, torch.Tensor]
     """Read a DeiT-style checkpoint safely (`weights_only=True`, `argparse.Namespace` allowed).
 
     Returns:
-        The state dict under `model` (or `net`, the other key their loader accepts; never `model_ema`) and
+        The state dict under `model` (or `net`, the other key their loader accepts, or timm's `state_dict`; never
+        the EMA) and
         the checkpoint's other entries (`model_ema`, `epoch`, `args`, ...).
     """
     checkpoint = load_torch_file(path)

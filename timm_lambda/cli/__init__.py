@@ -49,12 +49,11 @@ def _close_progress_bars() -> None:
 
 
 def _interrupted(args: argparse.Namespace) -> str:
-    """What Ctrl-C leaves: the run's checkpoint (training commands keep it in --output, convert in its `dilute`)."""
+    """What Ctrl-C leaves: the run's checkpoint, in --output or the command's `run_folder` below it."""
     output = getattr(args, 'output', None)
-    for folder in (Path(output), Path(output) / 'dilute') if output else ():
-        if (folder / CHECKPOINT_NAME).is_file():
-            return (f'interrupted; {folder / CHECKPOINT_NAME} is kept: add --resume {folder} to the same command '
-                    'to continue')
+    folder = Path(output) / getattr(args, 'run_folder', '') if output else None
+    if folder is not None and (folder / CHECKPOINT_NAME).is_file():
+        return f'interrupted; {folder / CHECKPOINT_NAME} is kept: add --resume {folder} to the same command to continue'
     return 'interrupted'
 
 

@@ -61,12 +61,12 @@ def _log(message: str) -> None:
 def run(args: argparse.Namespace) -> int:
     start = time.time()
     out = Path(args.output)
-    check_run_output(out / 'dilute', args.resume, args.overwrite)  # before the profiling, not after it
+    check_run_output(out / args.run_folder, args.resume, args.overwrite)  # before the profiling, not after it
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     # training settings that cannot work are found before the calibration (any one layer stands in for the selection)
-    train_config_from_args(args, (0,), output=str(out / 'dilute')).validate()
+    train_config_from_args(args, (0,), output=str(out / args.run_folder)).validate()
     model = model_from_args(args)
     val_loader = create_eval_loader(
         create_eval_dataset_from_args(args, model), args.batch_size, args.workers,
@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
                                     amp=args.amp, progress=_is_main())
 
     _log(f'dilute: remove the attention of blocks {",".join(map(str, layers))} while training')
-    config = train_config_from_args(args, layers, output=str(out / 'dilute'))
+    config = train_config_from_args(args, layers, output=str(out / args.run_folder))
     train_dataset = create_dataset(args.dataset, args.data_dir, split=args.train_split, is_training=True)
     val_dataset = create_dataset(args.dataset, args.data_dir, split=args.val_split)
     teacher = copy.deepcopy(model).eval() if config.kd else None
@@ -186,4 +186,4 @@ def add_parser(subparsers) -> None:
     add_output_arg(parser, default='output/convert')
     parser.add_argument('--repo', metavar='ORG/NAME', help='Hub repo the export will be pushed to (the model card\'s '
                                                           'usage snippet and title)')
-    parser.set_defaults(func=run, **_DEFAULTS)
+    parser.set_defaults(func=run, run_folder='dilute', **_DEFAULTS)  # the dilution's checkpoint: OUTPUT/dilute
